@@ -29,8 +29,6 @@ def loopback_env(domain_id: int | None = None, base: dict[str, str] | None = Non
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "SYSTEM_DEFAULT"
     env.pop("ROS_STATIC_PEERS", None)
     env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(LOOPBACK_PROFILE)
-    # Older Fast DDS releases read this name instead.
-    env["FASTRTPS_DEFAULT_PROFILES_FILE"] = str(LOOPBACK_PROFILE)
     return env
 
 

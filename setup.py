@@ -50,6 +50,14 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.yaml")),
+        (f"share/{PACKAGE}/launch/config", glob("launch/config/*.yaml")),
+        # The interface sources, so a non-editable pip install can still build them.
+        *[
+            (f"share/{PACKAGE}/interfaces/helmstack_interfaces/{sub}", glob(f"interfaces/helmstack_interfaces/{sub}/*"))
+            for sub in ("msg", "srv", "action")
+        ],
+        (f"share/{PACKAGE}/interfaces/helmstack_interfaces",
+         ["interfaces/helmstack_interfaces/package.xml", "interfaces/helmstack_interfaces/CMakeLists.txt"]),
     ],
     python_requires=">=3.10",
     install_requires=[

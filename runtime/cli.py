@@ -1,0 +1,180 @@
+"""The `helmstack` command.
+
+  helmstack run --sim --task ID [--seed N] [--out DIR]   one task through the whole graph
+  helmstack launch FILE [name:=value ...]                 bring the graph up until Ctrl-C
+  helmstack tasks                                         list the task suite
+  helmstack eval expert [...]                             scripted-expert success table
+  helmstack bench graph --out FILE                        graph latency / sim throughput
+  helmstack build-interfaces [--force]                    build helmstack_interfaces (pip installs)
+
+ROS-dependent modules are imported inside the commands, so `helmstack --help` and the
+pure-Python commands work without ROS 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from runtime.dds import loopback_env
+
+
+
+def default_launch_file() -> Path:
+    from runtime.launcher import find_package_share
+
+    return find_package_share("helmstack") / "launch" / "helmstack.launch.yaml"
+
+
+def _fail_setup(message: str) -> int:
+    print(f"helmstack: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_interfaces() -> str:
+    try:
+        import helmstack_interfaces.action  # noqa: F401
+    except ImportError as exc:
+        return f"helmstack_interfaces is not importable ({exc}); run `helmstack build-interfaces` (or `make install`)"
+    return ""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sim.tasks.suite import UnknownTaskError, get_task
+
+    if not args.sim:
+        return _fail_setup("`helmstack run` drives the simulated robot; pass --sim (on a robot use `helmstack launch ... sim:=false`)")
+    try:
+        get_task(args.task)
+    except UnknownTaskError as exc:
+        return _fail_setup(str(exc))
+    problem = _check_interfaces()
+    if problem:
+        return _fail_setup(problem)
+    os.environ.update(loopback_env(args.domain_id))
+    from runtime.nodes.task_runner import RunRequest, SetupError, run_task
+
+    out = Path(args.out) if args.out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    launch_args = {"sim": "true", "policy": args.policy, "real_time_factor": str(args.real_time_factor)}
+    request = RunRequest(task_id=args.task, seed=args.seed, out_dir=out, launch_file=Path(args.launch_file or default_launch_file()),
+                         launch_arguments=launch_args, timeout_s=args.timeout_s, record=not args.no_bag)
+    try:
+        return run_task(request)
+    except SetupError as exc:
+        return _fail_setup(str(exc))
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from runtime.launcher import LaunchFileError, NodeProcessGroup, load_launch_file, parse_launch_arguments
+
+    try:
+        plan = load_launch_file(Path(args.file), parse_launch_arguments(args.arguments))
+    except LaunchFileError as exc:
+        return _fail_setup(str(exc))
+    env = loopback_env(args.domain_id)
+    print(f"helmstack: launching {len(plan.nodes)} nodes on ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']} (loopback only); Ctrl-C to stop",
+          file=sys.stderr)
+    stop = {"now": False}
+    signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    log_dir = Path(args.log_dir) if args.log_dir else Path("runs") / ("launch-" + datetime.now().strftime("%Y%m%d-%H%M%S")) / "logs"
+    with NodeProcessGroup(plan.nodes, env=env, log_dir=log_dir) as group:
+        while not stop["now"]:
+            for name, code in group.poll():
+                print(f"helmstack: node '{name}' exited with code {code} (log: {log_dir / (name + '.log')})", file=sys.stderr)
+            if group.pids() == {}:
+                return 1
+            time.sleep(0.2)
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from sim.tasks.suite import load_suite
+
+    for task_id, task in load_suite().items():
+        print(f"{task_id:28s} {len(task.subgoals)} subgoals  {task.instruction}")
+    return 0
+
+
+def cmd_build_interfaces(args: argparse.Namespace) -> int:
+    from runtime.rosidl_build import main as build_main
+
+    return build_main((["--force"] if args.force else []) + ["--jobs", str(args.jobs)])
+
+
+def cmd_eval_expert(args: argparse.Namespace) -> int:
+    from sim.expert_eval import main as eval_main
+
+    return eval_main(args.rest)
+
+
+def cmd_bench_graph(args: argparse.Namespace) -> int:
+    problem = _check_interfaces()
+    if problem:
+        return _fail_setup(problem)
+    os.environ.update(loopback_env(args.domain_id))
+    from runtime.nodes.bench_graph import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="helmstack", description="helmstack robot runtime")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one task through the node graph and write result.json")
+    run.add_argument("--sim", action="store_true", help="use the simulated robot (required for now)")
+    run.add_argument("--task", required=True, help="task id (see `helmstack tasks`)")
+    run.add_argument("--seed", type=int, default=1_000_000, help="initial-state seed (default: the first held-out seed)")
+    run.add_argument("--out", help="output directory (default runs/<timestamp>)")
+    run.add_argument("--policy", default="scripted_expert", help="policy to run (default scripted_expert)")
+    run.add_argument("--launch-file", help="launch file (default: the package's helmstack.launch.yaml)")
+    run.add_argument("--real-time-factor", type=float, default=0.0, help="max sim speed vs wall time; 0 = as fast as possible")
+    run.add_argument("--timeout-s", type=float, default=900.0, help="give up after this many wall seconds")
+    run.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: $ROS_DOMAIN_ID or 42)")
+    run.add_argument("--no-bag", action="store_true", help="do not record a rosbag")
+    run.set_defaults(func=cmd_run)
+
+    launch = sub.add_parser("launch", help="bring up the graph from a ROS 2 YAML launch file until Ctrl-C")
+    launch.add_argument("file", help="launch file, e.g. launch/helmstack.launch.yaml")
+    launch.add_argument("arguments", nargs="*", help="launch arguments name:=value")
+    launch.add_argument("--domain-id", type=int, default=None)
+    launch.add_argument("--log-dir", help="per-node logs (default runs/launch-<timestamp>/logs)")
+    launch.set_defaults(func=cmd_launch)
+
+    tasks = sub.add_parser("tasks", help="list the task suite")
+    tasks.set_defaults(func=cmd_tasks)
+
+    build = sub.add_parser("build-interfaces", help="generate and compile helmstack_interfaces into this environment")
+    build.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    build.add_argument("--jobs", "-j", type=int, default=2, help="parallel compile jobs")
+    build.set_defaults(func=cmd_build_interfaces)
+
+    ev = sub.add_parser("eval", help="evaluations")
+    ev_sub = ev.add_subparsers(dest="what", required=True)
+    expert = ev_sub.add_parser("expert", help="scripted expert success per task (args as python -m sim.expert_eval)")
+    expert.add_argument("rest", nargs=argparse.REMAINDER)
+    expert.set_defaults(func=cmd_eval_expert)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="what", required=True)
+    graph = bench_sub.add_parser("graph", help="sensor-to-command latency over DDS vs in-process; sim steps/s")
+    graph.add_argument("--out", required=True)
+    graph.add_argument("--samples", type=int, default=300)
+    graph.add_argument("--seed", type=int, default=0)
+    graph.add_argument("--domain-id", type=int, default=None)
+    graph.set_defaults(func=cmd_bench_graph)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""What every helmstack node's main() shares: init, spin, clean shutdown, core logging."""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+import rclpy
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+
+
+class RosLogHandler(logging.Handler):
+    """Forward the cores' `logging` records to a node's ROS logger (rule 1: cores log with
+    logging, nodes bridge it)."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__()
+        self._logger = node.get_logger()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = f"[{record.name}] {record.getMessage()}"
+        if record.levelno >= logging.ERROR:
+            self._logger.error(text)
+        elif record.levelno >= logging.WARNING:
+            self._logger.warning(text)
+        elif record.levelno >= logging.INFO:
+            self._logger.info(text)
+        else:
+            self._logger.debug(text)
+
+
+def run_node(make_node: Callable[[], Node], threads: int = 2) -> int:
+    """Create the node, spin it until Ctrl-C or shutdown, and exit 0."""
+    rclpy.init(args=sys.argv)
+    node = None
+    try:
+        node = make_node()
+        logging.getLogger().addHandler(RosLogHandler(node))
+        logging.getLogger().setLevel(logging.INFO)
+        executor = MultiThreadedExecutor(num_threads=threads)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            close = getattr(node, "close", None)
+            if close is not None:
+                close()
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0

@@ -14,6 +14,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from helmstack_interfaces.msg import EventPacket as EventPacketMsg
 from helmstack_interfaces.msg import TactileArray, WorldState as WorldStateMsg
+from sim.world_state import WorldState
 
 
 class MessageError(ValueError):
@@ -158,8 +159,8 @@ def trajectory_from_msg(msg: JointTrajectory) -> tuple[list[str], np.ndarray, np
 
 
 # -- helmstack interfaces ---------------------------------------------------------------
-def world_state_msg(object_poses: dict, fixture_joints: dict, t_s: float) -> WorldStateMsg:
-    msg = WorldStateMsg(header=header(t_s, "world"))
+def world_state_msg(object_poses: dict, fixture_joints: dict, t_s: float, episode: int = 0) -> WorldStateMsg:
+    msg = WorldStateMsg(header=header(t_s, "world"), episode=int(episode))
     msg.object_names = list(object_poses)
     msg.object_poses = [_pose(pos, quat) for pos, quat in object_poses.values()]
     msg.joint_names = list(fixture_joints)
@@ -180,6 +181,11 @@ def world_state_from_msg(msg: WorldStateMsg) -> tuple[dict, dict, float]:
         poses[name] = (pos, quat)
     joints = dict(zip(msg.joint_names, (float(v) for v in msg.joint_positions)))
     return poses, joints, to_seconds(msg.header.stamp)
+
+
+def world_state_from_parts(poses: dict, joints: dict, q: np.ndarray, t_s: float, kinematics) -> WorldState:
+    """The WorldState the cores use, from world_state_from_msg()'s parts and joint positions."""
+    return WorldState.from_observation(list(poses), list(poses.values()), list(joints), list(joints.values()), q, t_s, kinematics)
 
 
 def _pose(pos, quat) -> Pose:

@@ -76,7 +76,7 @@ class SafetyNode(Node):
             if verdict is Verdict.REJECTED:
                 self.get_logger().error(f"command rejected: {reason}", throttle_duration_sec=1.0)
             else:
-                self.get_logger().warning(f"command clipped: {reason}", throttle_duration_sec=1.0)
+                self.get_logger().warning(f"command clipped: {reason}", throttle_duration_sec=5.0)
 
     def _on_estop(self, msg: Bool) -> None:
         if bool(msg.data) != self.filter.estop_engaged:

@@ -1,0 +1,25 @@
+"""Policy registry: the `policy` parameter/flag names one of these."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from policies.base import Policy
+
+
+def _scripted_expert(control_hz: float) -> Policy:
+    from policies.scripted_expert import ScriptedExpertPolicy
+
+    return ScriptedExpertPolicy(control_hz=control_hz)
+
+
+POLICIES: dict[str, Callable[[float], Policy]] = {
+    "scripted_expert": _scripted_expert,
+}
+
+
+def make_policy(name: str, control_hz: float) -> Policy:
+    try:
+        factory = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r} (available: {', '.join(POLICIES)})") from None
+    return factory(control_hz)

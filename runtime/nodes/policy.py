@@ -1,0 +1,154 @@
+"""policy: runs the configured manipulation policy and proposes action chunks.
+
+Reads joint_states, the front camera, the current subgoal (`harness/subgoal`, a JSON
+std_msgs/String: {"task_id", "index", "name"}; index -1 = idle) and, for privileged
+policies in simulation, `sim/ground_truth`. Publishes `policy/proposed_action`
+(trajectory_msgs/JointTrajectory, the action chunk) once per control period. Stale or
+malformed inputs are dropped with a warning; no fresh input, no proposal.
+
+Action chunking: the policy is queried when its previous chunk has played out (or the
+subgoal changed), as chunked policies are trained to run; the chunk goes out whole, as
+one trajectory, and the robot side interpolates it.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from rclpy.lifecycle import Node as LifecycleNode
+from rclpy.lifecycle import State, TransitionCallbackReturn
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String
+from trajectory_msgs.msg import JointTrajectory
+
+from helmstack_interfaces.msg import WorldState as WorldStateMsg
+from policies.base import Observation
+from policies.registry import make_policy
+from runtime.nodes import msg_convert as mc
+from runtime.nodes.common import run_node
+from sim.panda import JOINT_NAMES
+from sim.tasks.suite import UnknownTaskError, get_task
+
+LATCHED = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+STALE_AFTER_S = 0.5  # sim seconds; older observations are not acted on
+
+
+class PolicyNode(LifecycleNode):
+    def __init__(self) -> None:
+        super().__init__("policy")
+        self.declare_parameter("policy", "scripted_expert")
+        self.declare_parameter("control_hz", 20.0)
+        self.declare_parameter("image_size", [128, 128])
+        self.declare_parameter("autostart", True)
+        self.policy = None
+        self._q: np.ndarray | None = None
+        self._world: tuple | None = None
+        self._image: np.ndarray | None = None
+        self._subgoal: dict | None = None
+        self._task = None
+        self.dropped_images = 0
+        self._active = False
+        self._next_query_s = 0.0  # sim time at which the current chunk has played out
+        if self.get_parameter("autostart").value:
+            self._autostart_timer = self.create_timer(0.0, self._autostart)
+
+    def _autostart(self) -> None:
+        self._autostart_timer.cancel()
+        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self.trigger_activate()
+
+    def on_configure(self, state: State) -> TransitionCallbackReturn:
+        name = self.get_parameter("policy").value
+        try:
+            self.policy = make_policy(name, float(self.get_parameter("control_hz").value))
+        except ValueError as exc:
+            self.get_logger().error(str(exc))
+            return TransitionCallbackReturn.FAILURE
+        self._pub = self.create_publisher(JointTrajectory, "policy/proposed_action", 10)
+        self.create_subscription(JointState, "joint_states", self._on_joint_states, 10)
+        self.create_subscription(String, "harness/subgoal", self._on_subgoal, LATCHED)
+        self.create_subscription(Image, "camera/front/image_raw", self._on_image, qos_profile_sensor_data)
+        if self.policy.requires_privileged_state:
+            self.create_subscription(WorldStateMsg, "sim/ground_truth", self._on_world, 10)
+        self.create_timer(1.0 / float(self.get_parameter("control_hz").value), self._tick)
+        self.get_logger().info(f"policy '{name}' loaded")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: State) -> TransitionCallbackReturn:
+        self._active = True
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: State) -> TransitionCallbackReturn:
+        self._active = False
+        return super().on_deactivate(state)
+
+    # -- inputs ------------------------------------------------------------------------
+    def _on_joint_states(self, msg: JointState) -> None:
+        try:
+            self._q = mc.joint_positions_from_msg(msg, JOINT_NAMES)
+        except mc.MessageError as exc:
+            self.get_logger().warning(f"dropped joint_states: {exc}", throttle_duration_sec=2.0)
+
+    def _on_world(self, msg: WorldStateMsg) -> None:
+        try:
+            self._world = mc.world_state_from_msg(msg)
+        except mc.MessageError as exc:
+            self.get_logger().warning(f"dropped ground truth: {exc}", throttle_duration_sec=2.0)
+
+    def _on_image(self, msg: Image) -> None:
+        try:
+            self._image = mc.image_from_msg(msg, "rgb8", tuple(self.get_parameter("image_size").value))
+        except mc.MessageError as exc:
+            self.dropped_images += 1
+            self.get_logger().warning(f"dropped image: {exc}", throttle_duration_sec=2.0)
+
+    def _on_subgoal(self, msg: String) -> None:
+        try:
+            sub = json.loads(msg.data)
+            index = int(sub["index"])
+            task = get_task(sub["task_id"]) if index >= 0 else None
+        except (ValueError, KeyError, TypeError, UnknownTaskError) as exc:
+            self.get_logger().warning(f"dropped subgoal {msg.data!r}: {exc}")
+            return
+        if task is not None and (self._task is None or self._task.task_id != task.task_id or index == 0):
+            self.policy.reset()
+        self._subgoal, self._task = (sub, task) if index >= 0 else (None, None)
+        self._next_query_s = 0.0  # a new subgoal is acted on at once
+
+    # -- acting ------------------------------------------------------------------------
+    def _tick(self) -> None:
+        if not self._active or self._subgoal is None or self._q is None:
+            return
+        now = self.get_clock().now().nanoseconds * 1e-9
+        if now + 1e-6 < self._next_query_s:
+            return
+        world = None
+        if self.policy.requires_privileged_state:
+            if self._world is None:
+                return
+            poses, joints, t_world = self._world
+            if now - t_world > STALE_AFTER_S:
+                self.get_logger().warning(f"ground truth is {now - t_world:.2f} s old: not acting", throttle_duration_sec=2.0)
+                return
+            world = mc.world_state_from_parts(poses, joints, self._q, t_world, self.policy.kinematics)
+        obs = Observation(self._q, now, self._task, int(self._subgoal["index"]), world,
+                          {"front": self._image} if self._image is not None else {})
+        try:
+            chunk = self.policy.select_action(obs)
+        except (ValueError, RuntimeError) as exc:  # e.g. IK failure: propose nothing, the watchdog holds
+            self.get_logger().error(f"policy failed: {exc}", throttle_duration_sec=2.0)
+            return
+        if not np.all(np.isfinite(chunk.positions)):
+            self.get_logger().error("policy produced non-finite actions: not published")
+            return
+        self._pub.publish(mc.trajectory_msg(JOINT_NAMES, chunk.positions, chunk.times_s, now))
+        self._next_query_s = now + float(chunk.times_s[-1])
+
+
+def main() -> int:
+    return run_node(PolicyNode)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

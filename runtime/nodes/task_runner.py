@@ -1,0 +1,218 @@
+"""`helmstack run`: bring the graph up from the launch file, run one task, write the results.
+
+Sends the task as a goal of `harness/execute_task`, shows per-subgoal progress from the
+action feedback, records the run's topics to an MCAP rosbag2, saves front-camera frames
+at subgoal boundaries, and writes result.json. Exit codes: 0 task succeeded, 1 task failed
+(including a node dying mid-task), 2 setup error (one-line reason on stderr).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from rclpy.action import ActionClient
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from runtime.launcher import LaunchFileError, NodeProcessGroup, load_launch_file
+from runtime.nodes import msg_convert as mc
+
+logger = logging.getLogger(__name__)
+
+SETUP_TIMEOUT_S = 90.0
+
+
+class SetupError(RuntimeError):
+    """The graph could not be brought up; the message is the one-line reason."""
+
+
+@dataclass
+class RunRequest:
+    task_id: str
+    seed: int
+    out_dir: Path
+    launch_file: Path
+    launch_arguments: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = 600.0
+    record: bool = True
+    frames: bool = True
+
+
+def recorded_topics() -> dict[str, type]:
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from helmstack_interfaces.msg import EventPacket, TactileArray, VerifierVerdict, WorldState
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import CameraInfo, Image, JointState, PointCloud2
+    from std_msgs.msg import String
+    from trajectory_msgs.msg import JointTrajectory
+
+    topics: dict[str, type] = {
+        "/clock": Clock, "/joint_states": JointState, "/sim/ground_truth": WorldState,
+        "/lidar/points": PointCloud2, "/events": EventPacket, "/tactile": TactileArray,
+        "/robot/command_raw": JointTrajectory, "/robot/command": JointTrajectory,
+        "/policy/proposed_action": JointTrajectory, "/harness/subgoal": String,
+        "/harness/status": DiagnosticStatus, "/harness/verdict": VerifierVerdict, "/diagnostics": DiagnosticArray,
+    }
+    for cam in ("front", "wrist"):
+        topics[f"/camera/{cam}/image_raw"] = Image
+        topics[f"/camera/{cam}/depth"] = Image
+        topics[f"/camera/{cam}/camera_info"] = CameraInfo
+    return topics
+
+
+class FrameSaver:
+    """Keeps the newest front-camera frame and writes it as PNG on request."""
+
+    def __init__(self, node: Node, out_dir: Path) -> None:
+        from sensor_msgs.msg import Image
+
+        self.out_dir = out_dir
+        self.latest: np.ndarray | None = None
+        self.saved: list[str] = []
+        node.create_subscription(Image, "/camera/front/image_raw", self._on_image, qos_profile_sensor_data)
+
+    def _on_image(self, msg) -> None:
+        try:
+            self.latest = mc.image_from_msg(msg, "rgb8")
+        except mc.MessageError:
+            return
+
+    def save(self, label: str) -> None:
+        if self.latest is None:
+            return
+        from PIL import Image as PILImage
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{len(self.saved):02d}_{label}.png"
+        PILImage.fromarray(self.latest).save(path)
+        self.saved.append(path.name)
+
+
+def run_task(request: RunRequest, console: Console | None = None) -> int:
+    from helmstack_interfaces.action import ExecuteTask
+
+    console = console or Console(stderr=True)
+    out = request.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    args = {"task": request.task_id, "seed": str(request.seed), **request.launch_arguments}
+    try:
+        plan = load_launch_file(request.launch_file, args)
+    except LaunchFileError as exc:
+        raise SetupError(str(exc)) from exc
+    result: dict = {"task": request.task_id, "seed": request.seed, "success": False, "subgoals": [],
+                    "duration_s": 0.0, "nodes": [], "reason": ""}
+    wall0 = time.monotonic()
+    rclpy.init()
+    group = NodeProcessGroup(plan.nodes, log_dir=out / "logs")
+    node = recorder = None
+    try:
+        group.start()
+        node = rclpy.create_node("helmstack_run")
+        client = ActionClient(node, ExecuteTask, "/harness/execute_task")
+        frames = FrameSaver(node, out / "frames") if request.frames else None
+        _wait_for_graph(node, client, group, console)
+        result["nodes"] = sorted(n.name for n in plan.nodes)
+        if request.record:
+            from runtime.nodes.bag_recorder import BagRecorder
+
+            recorder = BagRecorder(node, out / "bag", recorded_topics())
+        outcome = _execute(node, client, group, request, console, frames, ExecuteTask)
+        result.update(outcome)
+        if frames is not None:
+            frames.save("final")
+            result["frames"] = frames.saved
+    finally:
+        if recorder is not None:
+            recorder.close()
+            result["bag"] = {"path": "bag", "storage": "mcap", "messages": recorder.counts}
+        if node is not None:
+            node.destroy_node()
+        group.shutdown()
+        if rclpy.ok():
+            rclpy.shutdown()
+        result["wall_time_s"] = round(time.monotonic() - wall0, 2)
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    _summary(console, result, out)
+    return 0 if result["success"] else 1
+
+
+def _wait_for_graph(node: Node, client: ActionClient, group: NodeProcessGroup, console: Console) -> None:
+    deadline = time.monotonic() + SETUP_TIMEOUT_S
+    with console.status("bringing up the node graph..."):
+        while not client.server_is_ready():
+            dead = group.poll()
+            if dead:
+                name, code = dead[0]
+                raise SetupError(f"node '{name}' exited with code {code} during start-up (see logs/{name}.log)")
+            if time.monotonic() > deadline:
+                raise SetupError(f"the harness action server did not come up within {SETUP_TIMEOUT_S:.0f} s")
+            rclpy.spin_once(node, timeout_sec=0.1)
+
+
+def _execute(node, client, group, request: RunRequest, console: Console, frames, ExecuteTask) -> dict:
+    goal = ExecuteTask.Goal(task_id=request.task_id, seed=request.seed)
+    feedback_state = {"index": -1, "name": "", "num": 0}
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} subgoals"),
+                        TimeElapsedColumn(), console=console, transient=False)
+
+    def on_feedback(msg) -> None:
+        fb = msg.feedback
+        if fb.subgoal_index != feedback_state["index"]:
+            if frames is not None and feedback_state["index"] >= 0:
+                frames.save(f"subgoal{feedback_state['index']}_done")
+            if feedback_state["index"] >= 0:
+                console.print(f"  [green]✓[/] {feedback_state['name']}")
+            feedback_state.update(index=fb.subgoal_index, name=fb.current_subgoal, num=fb.num_subgoals)
+        progress.update(bar, total=fb.num_subgoals, completed=fb.subgoal_index,
+                        description=f"{request.task_id}: {fb.current_subgoal or 'done'}")
+
+    with progress:
+        bar = progress.add_task(f"{request.task_id}: resetting", total=None)
+        send = client.send_goal_async(goal, feedback_callback=on_feedback)
+        deadline = time.monotonic() + request.timeout_s
+        result_future = None
+        while True:
+            rclpy.spin_once(node, timeout_sec=0.05)
+            dead = group.poll()
+            if dead:
+                name, code = dead[0]
+                return {"success": False, "reason": f"node '{name}' exited with code {code} mid-task (see logs/{name}.log)"}
+            if time.monotonic() > deadline:
+                return {"success": False, "reason": f"task did not finish within {request.timeout_s:.0f} s"}
+            if result_future is None and send.done():
+                handle = send.result()
+                if not handle.accepted:
+                    return {"success": False, "reason": "the harness rejected the goal (another task is running)"}
+                result_future = handle.get_result_async()
+            if result_future is not None and result_future.done():
+                break
+    res = result_future.result().result
+    subgoals = [
+        {"name": n, "success": bool(s), "steps": int(k), "duration_s": round(float(d), 4)}
+        for n, s, k, d in zip(res.subgoal_names, res.subgoal_success, res.subgoal_steps, res.subgoal_duration_s)
+    ]
+    if res.success and feedback_state["name"]:
+        console.print(f"  [green]✓[/] {feedback_state['name']}")
+    return {"success": bool(res.success), "reason": res.reason, "subgoals": subgoals,
+            "duration_s": round(sum(s["duration_s"] for s in subgoals), 4)}
+
+
+def _summary(console: Console, result: dict, out: Path) -> None:
+    table = Table(title=f"task {result['task']} (seed {result['seed']})")
+    for col in ("subgoal", "success", "steps", "sim time [s]"):
+        table.add_column(col)
+    for s in result["subgoals"]:
+        table.add_row(s["name"], "[green]yes[/]" if s["success"] else "[red]no[/]", str(s["steps"]), f"{s['duration_s']:.2f}")
+    console.print(table)
+    verdict = "[bold green]SUCCESS[/]" if result["success"] else f"[bold red]FAILED[/]: {result['reason']}"
+    console.print(f"{verdict}  sim time {result['duration_s']:.1f} s, wall time {result['wall_time_s']:.1f} s, nodes: {', '.join(result['nodes'])}")
+    console.print(f"results in {out}/ (result.json, bag/, frames/, logs/)")

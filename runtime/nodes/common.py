@@ -7,7 +7,10 @@ from collections.abc import Callable
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
+
+from runtime.config import ConfigError
 
 
 class RosLogHandler(logging.Handler):
@@ -30,8 +33,18 @@ class RosLogHandler(logging.Handler):
             self._logger.debug(text)
 
 
+def declare_number(node: Node, name: str, default: float) -> None:
+    """Declare a numeric parameter that accepts ints and floats alike: launch files and
+    the command line turn "1" into an int, which a float-typed parameter would refuse."""
+    node.declare_parameter(name, default, ParameterDescriptor(dynamic_typing=True))
+
+
+class NodeSetupError(RuntimeError):
+    """A node cannot start (bad config or parameter); the message says why. Exit code 2."""
+
+
 def run_node(make_node: Callable[[], Node], threads: int = 2) -> int:
-    """Create the node, spin it until Ctrl-C or shutdown, and exit 0."""
+    """Create the node, spin it until Ctrl-C or shutdown; exit 0, or 2 on a setup error."""
     rclpy.init(args=sys.argv)
     node = None
     try:
@@ -43,6 +56,10 @@ def run_node(make_node: Callable[[], Node], threads: int = 2) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except (NodeSetupError, ConfigError) as exc:
+        # One line on stderr: launchers show it as the reason the node is gone.
+        print(f"[ERROR] setup: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if node is not None:
             close = getattr(node, "close", None)

@@ -28,7 +28,7 @@ from helmstack_interfaces.action import ExecuteTask
 from helmstack_interfaces.msg import VerifierVerdict, WorldState as WorldStateMsg
 from helmstack_interfaces.srv import ResetTask
 from runtime.nodes import msg_convert as mc
-from runtime.nodes.common import run_node
+from runtime.nodes.common import NodeSetupError, declare_number, run_node
 from runtime.task_progress import Progress, TaskProgress
 from sim.panda import JOINT_NAMES, PandaKinematics
 from sim.tasks.suite import UnknownTaskError, get_task
@@ -44,10 +44,10 @@ class HarnessNode(Node):
         super().__init__("harness")
         self.declare_parameter("sim", True)
         self.declare_parameter("mode", "pass_through")
-        self.declare_parameter("stall_timeout_s", 5.0)  # wall seconds without world state
-        self.declare_parameter("reset_timeout_s", 30.0)
+        declare_number(self, "stall_timeout_s", 5.0)  # wall seconds without world state
+        declare_number(self, "reset_timeout_s", 30.0)
         if self.get_parameter("mode").value != "pass_through":
-            raise SystemExit(f"harness: mode {self.get_parameter('mode').value!r} is not available (pass_through)")
+            raise NodeSetupError(f"harness: mode {self.get_parameter('mode').value!r} is not available (pass_through)")
         self._kin = PandaKinematics()
         self._cond = threading.Condition()
         self._world: tuple | None = None

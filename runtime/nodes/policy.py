@@ -26,7 +26,7 @@ from helmstack_interfaces.msg import WorldState as WorldStateMsg
 from policies.base import Observation
 from policies.registry import make_policy
 from runtime.nodes import msg_convert as mc
-from runtime.nodes.common import run_node
+from runtime.nodes.common import NodeSetupError, declare_number, run_node
 from sim.panda import JOINT_NAMES
 from sim.tasks.suite import UnknownTaskError, get_task
 
@@ -38,10 +38,11 @@ class PolicyNode(LifecycleNode):
     def __init__(self) -> None:
         super().__init__("policy")
         self.declare_parameter("policy", "scripted_expert")
-        self.declare_parameter("control_hz", 20.0)
+        declare_number(self, "control_hz", 20.0)
         self.declare_parameter("image_size", [128, 128])
         self.declare_parameter("autostart", True)
         self.policy = None
+        self._setup_error = ""
         self._q: np.ndarray | None = None
         self._world: tuple | None = None
         self._image: np.ndarray | None = None
@@ -51,19 +52,21 @@ class PolicyNode(LifecycleNode):
         self._active = False
         self._next_query_s = 0.0  # sim time at which the current chunk has played out
         if self.get_parameter("autostart").value:
-            self._autostart_timer = self.create_timer(0.0, self._autostart)
+            self._autostart()
 
     def _autostart(self) -> None:
-        self._autostart_timer.cancel()
-        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-            self.trigger_activate()
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            # Nobody manages this node's lifecycle: a node that cannot configure is useless.
+            raise NodeSetupError(self._setup_error or "configure failed")
+        self.trigger_activate()
 
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         name = self.get_parameter("policy").value
         try:
             self.policy = make_policy(name, float(self.get_parameter("control_hz").value))
         except ValueError as exc:
-            self.get_logger().error(str(exc))
+            self._setup_error = str(exc)
+            self.get_logger().error(self._setup_error)
             return TransitionCallbackReturn.FAILURE
         self._pub = self.create_publisher(JointTrajectory, "policy/proposed_action", 10)
         self.create_subscription(JointState, "joint_states", self._on_joint_states, 10)

@@ -18,7 +18,7 @@ from trajectory_msgs.msg import JointTrajectory
 from real.safety import SafetyConfig, SafetyFilter, Verdict, Watchdog
 from runtime.config import load_config
 from runtime.nodes import msg_convert as mc
-from runtime.nodes.common import run_node
+from runtime.nodes.common import NodeSetupError, declare_number, run_node
 
 HOLD_TIME_S = 0.1  # the hold point's time_from_start
 
@@ -27,10 +27,10 @@ class SafetyNode(Node):
     def __init__(self) -> None:
         super().__init__("safety")
         self.declare_parameter("config_file", "")
-        self.declare_parameter("check_rate_hz", 50.0)
+        declare_number(self, "check_rate_hz", 50.0)
         path = self.get_parameter("config_file").value
         if not path:
-            raise SystemExit("safety: parameter config_file (joint limits YAML) is required")
+            raise NodeSetupError("safety: parameter config_file (joint limits YAML) is required")
         self.filter = SafetyFilter(load_config(SafetyConfig, path))
         self.watchdog = Watchdog(self.filter.config.watchdog_timeout_s)
         self._q: np.ndarray | None = None

@@ -26,7 +26,7 @@ from helmstack_interfaces.msg import EventPacket, TactileArray, WorldState
 from helmstack_interfaces.srv import ResetTask
 from runtime.config import ConfigError, load_config
 from runtime.nodes import msg_convert as mc
-from runtime.nodes.common import run_node
+from runtime.nodes.common import NodeSetupError, declare_number, run_node
 from sim.backend import PybulletRobot, SimConfig, SimStep
 from sim.tasks.suite import UnknownTaskError
 
@@ -37,12 +37,12 @@ class SimBridge(LifecycleNode):
         self.declare_parameter("config_file", "")
         self.declare_parameter("task_id", "")
         self.declare_parameter("seed", 0)
-        self.declare_parameter("real_time_factor", 1.0)
+        declare_number(self, "real_time_factor", 1.0)
         self.declare_parameter("autostart", True)
         # Lockstep: after publishing a tick, wait for the command it causes before stepping
         # on (bounded by lockstep_timeout_s). Used to measure sensor-to-command latency.
         self.declare_parameter("lockstep", False)
-        self.declare_parameter("lockstep_timeout_s", 1.0)
+        declare_number(self, "lockstep_timeout_s", 1.0)
         self._commanded = threading.Event()
         self._published_at: float | None = None
         self.command_latencies_s: list[float] = []
@@ -52,17 +52,18 @@ class SimBridge(LifecycleNode):
         self._last_stamp_s = 0.0
         self._episode = 0
         self._robot: PybulletRobot | None = None
+        self._setup_error = ""
         self._lock = threading.Lock()
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         if self.get_parameter("autostart").value:
-            # Transition from a one-shot timer so the node is fully constructed first.
-            self._autostart_timer = self.create_timer(0.0, self._autostart)
+            self._autostart()
 
     def _autostart(self) -> None:
-        self._autostart_timer.cancel()
-        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
-            self.trigger_activate()
+        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+            # Nobody manages this node's lifecycle: a node that cannot configure is useless.
+            raise NodeSetupError(self._setup_error or "configure failed")
+        self.trigger_activate()
 
     # -- lifecycle ---------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
@@ -70,7 +71,8 @@ class SimBridge(LifecycleNode):
         try:
             config = load_config(SimConfig, path or None)
         except ConfigError as exc:
-            self.get_logger().error(f"bad sim config: {exc}")
+            self._setup_error = f"bad sim config: {exc}"
+            self.get_logger().error(self._setup_error)
             return TransitionCallbackReturn.FAILURE
         self._robot = PybulletRobot(config)
         task_id = self.get_parameter("task_id").value
@@ -78,7 +80,8 @@ class SimBridge(LifecycleNode):
             try:
                 self._robot.reset(task_id, int(self.get_parameter("seed").value))
             except UnknownTaskError as exc:
-                self.get_logger().error(str(exc))
+                self._setup_error = str(exc)
+                self.get_logger().error(self._setup_error)
                 return TransitionCallbackReturn.FAILURE
         sensor_qos = qos_profile_sensor_data
         self._pub = {

@@ -118,7 +118,7 @@ def run_task(request: RunRequest, console: Console | None = None) -> int:
         node = rclpy.create_node("helmstack_run")
         client = ActionClient(node, ExecuteTask, "/harness/execute_task")
         frames = FrameSaver(node, out / "frames") if request.frames else None
-        _wait_for_graph(node, client, group, console)
+        _wait_for_graph(node, client, group, out / "logs", console)
         result["nodes"] = sorted(n.name for n in plan.nodes)
         if request.record:
             from runtime.nodes.bag_recorder import BagRecorder
@@ -144,14 +144,24 @@ def run_task(request: RunRequest, console: Console | None = None) -> int:
     return 0 if result["success"] else 1
 
 
-def _wait_for_graph(node: Node, client: ActionClient, group: NodeProcessGroup, console: Console) -> None:
+def last_error(log_dir: Path, name: str) -> str:
+    """The last error line a node logged (its reason for exiting), else where its log is."""
+    log = log_dir / f"{name}.log"
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if "ERROR" in line or "Error" in line]
+    except OSError:
+        lines = []
+    return lines[-1].strip() if lines else f"see {log}"
+
+
+def _wait_for_graph(node: Node, client: ActionClient, group: NodeProcessGroup, log_dir: Path, console: Console) -> None:
     deadline = time.monotonic() + SETUP_TIMEOUT_S
     with console.status("bringing up the node graph..."):
         while not client.server_is_ready():
             dead = group.poll()
             if dead:
                 name, code = dead[0]
-                raise SetupError(f"node '{name}' exited with code {code} during start-up (see logs/{name}.log)")
+                raise SetupError(f"node '{name}' exited with code {code} during start-up: {last_error(log_dir, name)}")
             if time.monotonic() > deadline:
                 raise SetupError(f"the harness action server did not come up within {SETUP_TIMEOUT_S:.0f} s")
             rclpy.spin_once(node, timeout_sec=0.1)

@@ -128,3 +128,19 @@ def test_node_killed_mid_task_fails_the_task(ros_env, helmstack_interfaces, tmp_
     assert result["subgoals"] == [] or not all(s["success"] for s in result["subgoals"])
     # Nothing left behind: every node of the run is gone.
     assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text() for pid in kids)
+
+
+@pytest.mark.timeout(120)
+def test_malformed_node_config_names_the_field(ros_env, helmstack_interfaces, tmp_path):
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "sim.yaml").write_text("physics_hz: 240\ncontrol_hz: 7\n")  # 240 is no multiple of 7
+    (config / "panda_safety.yaml").write_text((ROOT / "launch/config/panda_safety.yaml").read_text())
+    launch = tmp_path / "graph.launch.yaml"
+    launch.write_text((ROOT / "launch/helmstack.launch.yaml").read_text().replace(
+        '"$(find-pkg-share helmstack)/launch/config"', f'"{config}"'))
+    proc = subprocess.run([*HELMSTACK, "run", "--sim", "--task", TASK, "--out", str(tmp_path / "o"), "--launch-file", str(launch)],
+                          cwd=ROOT, env=ros_env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("helmstack: error:")][0]
+    assert "sim_bridge" in error and "control_hz" in error

@@ -82,11 +82,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     log_dir = Path(args.log_dir) if args.log_dir else Path("runs") / ("launch-" + datetime.now().strftime("%Y%m%d-%H%M%S")) / "logs"
+    reported: set[str] = set()
     with NodeProcessGroup(plan.nodes, env=env, log_dir=log_dir) as group:
         while not stop["now"]:
-            for name, code in group.poll():
-                print(f"helmstack: node '{name}' exited with code {code} (log: {log_dir / (name + '.log')})", file=sys.stderr)
-            if group.pids() == {}:
+            exited = group.poll()  # cumulative
+            for name, code in exited:
+                if name not in reported:
+                    reported.add(name)
+                    print(f"helmstack: node '{name}' exited with code {code} (log: {log_dir / (name + '.log')})", file=sys.stderr)
+            if len(exited) == len(plan.nodes):
                 return 1
             time.sleep(0.2)
     return 0

@@ -144,3 +144,26 @@ def test_malformed_node_config_names_the_field(ros_env, helmstack_interfaces, tm
     assert proc.returncode == 2, proc.stderr[-2000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("helmstack: error:")][0]
     assert "sim_bridge" in error and "control_hz" in error
+
+
+@pytest.mark.timeout(120)
+def test_launch_keeps_the_graph_up_until_ctrl_c(ros_env, ros_node, tmp_path):
+    proc = subprocess.Popen([*HELMSTACK, "launch", "launch/helmstack.launch.yaml", "sim:=true", "--log-dir", str(tmp_path)],
+                            cwd=ROOT, env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        expected = {"sim_bridge", "safety", "policy", "harness"}
+        deadline = time.monotonic() + 60
+        while not expected <= set(ros_node.get_node_names()):
+            assert time.monotonic() < deadline and proc.poll() is None, set(ros_node.get_node_names())
+            time.sleep(0.2)
+        kids = children_of(proc.pid)
+        while ros_node.count_publishers("/camera/front/image_raw") != 1:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-3000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in kids)

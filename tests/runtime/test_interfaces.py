@@ -202,13 +202,14 @@ EXPECTED_FIELDS: dict[str, dict[str, str]] = {
     },
     "WorldState": {
         "header": "std_msgs/Header",
+        "episode": "uint32",
         "object_names": "sequence<string>",
         "object_poses": "sequence<geometry_msgs/Pose>",
         "joint_names": "sequence<string>",
         "joint_positions": "sequence<double>",
     },
     "ResetTask.Request": {"task_id": "string", "seed": "int64"},
-    "ResetTask.Response": {"success": "boolean", "message": "string"},
+    "ResetTask.Response": {"success": "boolean", "message": "string", "episode": "uint32"},
     "ExecuteTask.Goal": {"task_id": "string", "instruction": "string", "seed": "int64"},
     "ExecuteTask.Result": {
         "success": "boolean",

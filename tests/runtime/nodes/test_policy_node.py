@@ -50,9 +50,9 @@ def test_bad_images_are_dropped_and_node_keeps_running(ros_env, ros_node, tmp_pa
         wrong_size = mc.image_msg(np.zeros((32, 48, 3), np.uint8), "rgb8", 0.0, "cam")
         truncated = mc.image_msg(np.zeros((128, 128, 3), np.uint8), "rgb8", 0.0, "cam")
         truncated.data = truncated.data[:100]
-        for msg in (bad_encoding, wrong_size, truncated):
+        for msg in (bad_encoding, wrong_size, truncated) * 3:  # best effort: repeat, any may be the first seen
             image_pub.publish(msg)
-            time.sleep(0.2)
+            time.sleep(0.1)
 
         # Valid inputs after the bad ones: the node must still act on them.
         sub_pub.publish(String(data=json.dumps({"task_id": TASK, "index": 0, "name": "x"})))
@@ -78,7 +78,9 @@ def test_bad_images_are_dropped_and_node_keeps_running(ros_env, ros_node, tmp_pa
         feeder.join()
         assert group.poll() == []
     log = (tmp_path / "policy.log").read_text()
-    assert "dropped image: image encoding 'bgr16'" in log
+    # Warnings are throttled (a broken camera would flood the log): the first one is there.
+    assert "dropped image: image encoding 'bgr16'" in log or "dropped image: image size 32x48" in log or \
+        "dropped image: image data length" in log
     chunk = proposals[-1]
     assert list(chunk.joint_names) == list(JOINT_NAMES) and len(chunk.points) >= 1
     assert all(np.all(np.isfinite(p.positions)) for p in chunk.points)

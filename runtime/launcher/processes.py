@@ -17,6 +17,7 @@ not been reaped, so a recycled pid is never hit.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -36,6 +37,20 @@ import yaml
 
 from runtime.launcher.description import NodeAction
 from runtime.launcher.packages import ament_prefixes
+
+# Linux: a node gets SIGTERM when the process that started it dies, even by SIGKILL, so
+# a killed launcher never leaves a graph running. (The signal follows the *thread* that
+# started the node: start groups from a thread that outlives them, e.g. the main thread.)
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:
+    _LIBC = None
+
+
+def _terminate_with_parent() -> None:
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +181,7 @@ class NodeProcessGroup:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
+                preexec_fn=_terminate_with_parent,
             )
         except OSError as exc:
             log.close()
@@ -174,7 +190,6 @@ class NodeProcessGroup:
         child = _Child(label=label, process=process, log=log)
         streams = ((process.stdout, node.output != "log"), (process.stderr, True))
         for stream, to_screen in streams:
-            assert stream is not None
             reader = threading.Thread(
                 target=self._relay, args=(child, stream, to_screen), name=f"relay-{label}", daemon=True
             )

@@ -15,6 +15,7 @@ import threading
 import time
 
 import rclpy
+from rclpy._rclpy_pybind11 import InvalidHandle, RCLError
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
@@ -57,6 +58,7 @@ class HarnessNode(Node):
         self._q = None
         self._progress: TaskProgress | None = None
         self._goal_active = False
+        self._closing = threading.Event()
         cb = ReentrantCallbackGroup()
         self._cmd = self.create_publisher(JointTrajectory, "robot/command_raw", 10)
         self._subgoal_pub = self.create_publisher(String, "harness/subgoal", LATCHED)
@@ -131,7 +133,9 @@ class HarnessNode(Node):
             self._run(goal_handle, progress, seq)
         finally:
             self._goal_active = False
-            self._announce(task.task_id, -1, "")
+        if self._closing.is_set():  # the node is going away: nobody is left to tell
+            return result
+        self._announce(task.task_id, -1, "")
         result.success = progress.success
         result.reason = progress.reason
         result.subgoal_names = [r.name for r in progress.records]
@@ -166,8 +170,12 @@ class HarnessNode(Node):
                 self.get_logger().warning(progress.reason)
             feedback = ExecuteTask.Feedback(current_subgoal=progress.current_name, subgoal_index=progress.index,
                                             num_subgoals=len(task.subgoals), harness_state="executing", p_fail=0.0)
-            goal_handle.publish_feedback(feedback)
-            self._publish_status("executing", progress.current_name)
+            try:
+                goal_handle.publish_feedback(feedback)
+                self._publish_status("executing", progress.current_name)
+            except (InvalidHandle, RCLError):  # shutdown raced us (Ctrl-C): stop quietly
+                self._closing.set()
+                return
 
     def _reset_sim(self, task_id: str, seed: int) -> str:
         timeout = float(self.get_parameter("reset_timeout_s").value)
@@ -191,12 +199,19 @@ class HarnessNode(Node):
         with self._cond:
             # After a reset, only states of the new episode count (older ones may still be in flight).
             ok = self._cond.wait_for(
-                lambda: self._world_seq > after_seq and self._q is not None
-                and (self._episode is None or self._world_episode == self._episode), timeout=timeout)
-            if not ok:
+                lambda: self._closing.is_set() or (
+                    self._world_seq > after_seq and self._q is not None
+                    and (self._episode is None or self._world_episode == self._episode)), timeout=timeout)
+            if not ok or self._closing.is_set():
                 return None, after_seq
             poses, joints, t_s = self._world
             return mc.world_state_from_parts(poses, joints, self._q, t_s, self._kin), self._world_seq
+
+    def close(self) -> None:
+        """Called on shutdown: end a running goal's loop instead of publishing into a dead context."""
+        with self._cond:
+            self._closing.set()
+            self._cond.notify_all()
 
     def _stall_reason(self) -> str:
         return (f"no world state for {self.get_parameter('stall_timeout_s').value:.1f} s: "

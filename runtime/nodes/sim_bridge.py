@@ -32,8 +32,8 @@ from sim.tasks.suite import UnknownTaskError
 
 
 class SimBridge(LifecycleNode):
-    def __init__(self) -> None:
-        super().__init__("sim_bridge")
+    def __init__(self, **kwargs) -> None:
+        super().__init__("sim_bridge", **kwargs)
         self.declare_parameter("config_file", "")
         self.declare_parameter("task_id", "")
         self.declare_parameter("seed", 0)

@@ -3,6 +3,7 @@ import importlib.util
 import io
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -256,3 +257,29 @@ def test_exec_failure_stops_the_nodes_already_started(prefix, tmp_path):
     with pytest.raises(NodeStartError, match="cannot start node 'broken'"):
         group.start()
     assert [label for label, _ in group.poll()] == ["serving"]
+
+
+@pytest.mark.timeout(60)
+def test_nodes_die_with_a_killed_launcher(tmp_path):
+    """A launcher killed by SIGKILL cannot clean up: its nodes must go by themselves."""
+    script = tmp_path / "launcher.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from runtime.launcher import NodeAction, NodeProcessGroup\n"
+        f"node = NodeAction(pkg='x', executable={sys.executable!r}, name='sleeper', arguments=['-c', 'import time; time.sleep(60)'])\n"
+        "group = NodeProcessGroup([node], log_dir=Path(sys.argv[1]))\n"
+        "group.start()\n"
+        "print(group.pids()['sleeper'], flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, str(script), str(tmp_path / "logs")], stdout=subprocess.PIPE, text=True,
+                                cwd=Path(__file__).resolve().parents[3])
+    node_pid = int(launcher.stdout.readline())
+    assert Path(f"/proc/{node_pid}").exists()
+    launcher.kill()
+    launcher.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{node_pid}").exists() and "Z" not in Path(f"/proc/{node_pid}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "node outlived its killed launcher"
+        time.sleep(0.1)

@@ -51,6 +51,7 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.yaml")),
         (f"share/{PACKAGE}/launch/config", glob("launch/config/*.yaml")),
+        (f"share/{PACKAGE}/launch/config/robots", glob("launch/config/robots/*.yaml")),
         # The interface sources, so a non-editable pip install can still build them.
         *[
             (f"share/{PACKAGE}/interfaces/helmstack_interfaces/{sub}", glob(f"interfaces/helmstack_interfaces/{sub}/*"))

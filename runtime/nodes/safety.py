@@ -1,15 +1,18 @@
 """safety: the last stop before the robot, in simulation and on hardware.
 
 `robot/command_raw` (JointTrajectory) → limits / NaN / rate checks (real.safety) →
-`robot/command`. No command within `watchdog_timeout_s` → a hold command at the measured
-position. `robot/estop` (std_msgs/Bool): true latches the e-stop and holds, false releases.
+`robot/command`. Robots whose gripper has its own controller set `gripper_joints`: those
+joints then go to `robot/gripper_command` and the rest to `robot/command`. No command
+within `watchdog_timeout_s` → a hold command at the measured position. `robot/estop` (std_msgs/Bool): true latches the e-stop and holds, false releases.
 Health goes to /diagnostics.
 """
 from __future__ import annotations
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile
 from sensor_msgs.msg import JointState
 from std_msgs.msg import Bool
@@ -28,6 +31,7 @@ class SafetyNode(Node):
         super().__init__("safety")
         self.declare_parameter("config_file", "")
         declare_number(self, "check_rate_hz", 50.0)
+        self.declare_parameter("gripper_joints", Parameter.Type.STRING_ARRAY)  # unset: one command topic
         path = self.get_parameter("config_file").value
         if not path:
             raise NodeSetupError("safety: parameter config_file (joint limits YAML) is required")
@@ -37,6 +41,18 @@ class SafetyNode(Node):
         self._counts = {v.value: 0 for v in Verdict}
         self._last_reason = ""
         self._pub = self.create_publisher(JointTrajectory, "robot/command", QoSProfile(depth=10))
+        names = list(self.filter.config.joint_names)
+        try:
+            gripper = list(self.get_parameter("gripper_joints").value)
+        except ParameterUninitializedException:
+            gripper = []
+        unknown = [j for j in gripper if j not in names]
+        if unknown:
+            raise NodeSetupError(f"safety: gripper_joints {unknown} are not in the safety config's joint_names {names}")
+        self._arm_idx = [i for i, n in enumerate(names) if n not in gripper]
+        self._gripper_idx = [names.index(j) for j in gripper]
+        self._gripper_pub = (self.create_publisher(JointTrajectory, "robot/gripper_command", QoSProfile(depth=10))
+                             if gripper else None)
         self._diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_subscription(JointTrajectory, "robot/command_raw", self._on_command, 10)
         self.create_subscription(JointState, "joint_states", self._on_joint_states, 10)
@@ -66,7 +82,7 @@ class SafetyNode(Node):
         if decision.verdict is Verdict.REJECTED:
             self._hold()
             return
-        self._pub.publish(mc.trajectory_msg(self.filter.config.joint_names, decision.positions, decision.times_s, self._now_s()))
+        self._send(decision.positions, decision.times_s)
 
     def _record(self, verdict: Verdict, reason: str) -> None:
         self._counts[verdict.value] += 1
@@ -93,7 +109,17 @@ class SafetyNode(Node):
     def _hold(self) -> None:
         if self._q is None:
             return
-        self._pub.publish(mc.trajectory_msg(self.filter.config.joint_names, self.filter.hold(self._q), np.array([HOLD_TIME_S]), self._now_s()))
+        self._send(self.filter.hold(self._q), np.array([HOLD_TIME_S]))
+
+    def _send(self, positions: np.ndarray, times_s: np.ndarray) -> None:
+        """Publish a checked trajectory: one topic, or arm and gripper topics when split."""
+        names, now = self.filter.config.joint_names, self._now_s()
+        if self._gripper_pub is None:
+            self._pub.publish(mc.trajectory_msg(names, positions, times_s, now))
+            return
+        self._pub.publish(mc.trajectory_msg([names[i] for i in self._arm_idx], positions[:, self._arm_idx], times_s, now))
+        self._gripper_pub.publish(
+            mc.trajectory_msg([names[i] for i in self._gripper_idx], positions[:, self._gripper_idx], times_s, now))
 
     def _publish_diagnostics(self) -> None:
         level = DiagnosticStatus.ERROR if self.filter.estop_engaged else (

@@ -602,7 +602,7 @@ def _install(pkg: InterfacePackage, layout: Layout, gen: Path, targets: list[_Ta
             (staged / sub).mkdir(parents=True)
             for module in (py_src / sub).glob("*.py"):
                 shutil.copy2(module, staged / sub / module.name)
-    (staged / "__init__.py").write_text(f'"""ROS 2 interfaces of helmstack, built by runtime.rosidl_build."""\n')
+    (staged / "__init__.py").write_text('"""ROS 2 interfaces of helmstack, built by runtime.rosidl_build."""\n')
     for target in targets:
         if target.python_extension:
             shutil.copy2(built / target.name, staged / target.name)

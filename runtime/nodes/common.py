@@ -43,6 +43,16 @@ class NodeSetupError(RuntimeError):
     """A node cannot start (bad config or parameter); the message says why. Exit code 2."""
 
 
+def autostart(node, fallback_reason: str) -> None:
+    """Configure and activate a lifecycle node itself (its `autostart` parameter), as when
+    no lifecycle manager runs. A node that cannot configure is useless: NodeSetupError."""
+    from rclpy.lifecycle import TransitionCallbackReturn
+
+    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+        raise NodeSetupError(node.setup_error or fallback_reason)
+    node.trigger_activate()
+
+
 def run_node(make_node: Callable[[], Node], threads: int = 2) -> int:
     """Create the node, spin it until Ctrl-C or shutdown; exit 0, or 2 on a setup error."""
     rclpy.init(args=sys.argv)

@@ -26,7 +26,7 @@ from helmstack_interfaces.msg import WorldState as WorldStateMsg
 from policies.base import Observation
 from policies.registry import make_policy
 from runtime.nodes import msg_convert as mc
-from runtime.nodes.common import NodeSetupError, declare_number, run_node
+from runtime.nodes.common import autostart, declare_number, run_node
 from sim.panda import JOINT_NAMES
 from sim.tasks.suite import UnknownTaskError, get_task
 
@@ -42,7 +42,7 @@ class PolicyNode(LifecycleNode):
         self.declare_parameter("image_size", [128, 128])
         self.declare_parameter("autostart", True)
         self.policy = None
-        self._setup_error = ""
+        self.setup_error = ""
         self._q: np.ndarray | None = None
         self._world: tuple | None = None
         self._image: np.ndarray | None = None
@@ -52,21 +52,15 @@ class PolicyNode(LifecycleNode):
         self._active = False
         self._next_query_s = 0.0  # sim time at which the current chunk has played out
         if self.get_parameter("autostart").value:
-            self._autostart()
-
-    def _autostart(self) -> None:
-        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-            # Nobody manages this node's lifecycle: a node that cannot configure is useless.
-            raise NodeSetupError(self._setup_error or "configure failed")
-        self.trigger_activate()
+            autostart(self, "configure failed")
 
     def on_configure(self, state: State) -> TransitionCallbackReturn:
         name = self.get_parameter("policy").value
         try:
             self.policy = make_policy(name, float(self.get_parameter("control_hz").value))
         except ValueError as exc:
-            self._setup_error = str(exc)
-            self.get_logger().error(self._setup_error)
+            self.setup_error = str(exc)
+            self.get_logger().error(self.setup_error)
             return TransitionCallbackReturn.FAILURE
         self._pub = self.create_publisher(JointTrajectory, "policy/proposed_action", 10)
         self.create_subscription(JointState, "joint_states", self._on_joint_states, 10)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import rclpy
 from rclpy._rclpy_pybind11 import RCLError
 from rclpy.lifecycle import Node as LifecycleNode
@@ -26,7 +25,7 @@ from helmstack_interfaces.msg import EventPacket, TactileArray, WorldState
 from helmstack_interfaces.srv import ResetTask
 from runtime.config import ConfigError, load_config
 from runtime.nodes import msg_convert as mc
-from runtime.nodes.common import NodeSetupError, declare_number, run_node
+from runtime.nodes.common import autostart, declare_number, run_node
 from sim.backend import PybulletRobot, SimConfig, SimStep
 from sim.tasks.suite import UnknownTaskError
 
@@ -52,18 +51,12 @@ class SimBridge(LifecycleNode):
         self._last_stamp_s = 0.0
         self._episode = 0
         self._robot: PybulletRobot | None = None
-        self._setup_error = ""
+        self.setup_error = ""
         self._lock = threading.Lock()
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         if self.get_parameter("autostart").value:
-            self._autostart()
-
-    def _autostart(self) -> None:
-        if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
-            # Nobody manages this node's lifecycle: a node that cannot configure is useless.
-            raise NodeSetupError(self._setup_error or "configure failed")
-        self.trigger_activate()
+            autostart(self, "configure failed")
 
     # -- lifecycle ---------------------------------------------------------------------
     def on_configure(self, state: State) -> TransitionCallbackReturn:
@@ -71,8 +64,8 @@ class SimBridge(LifecycleNode):
         try:
             config = load_config(SimConfig, path or None)
         except ConfigError as exc:
-            self._setup_error = f"bad sim config: {exc}"
-            self.get_logger().error(self._setup_error)
+            self.setup_error = f"bad sim config: {exc}"
+            self.get_logger().error(self.setup_error)
             return TransitionCallbackReturn.FAILURE
         self._robot = PybulletRobot(config)
         task_id = self.get_parameter("task_id").value
@@ -80,8 +73,8 @@ class SimBridge(LifecycleNode):
             try:
                 self._robot.reset(task_id, int(self.get_parameter("seed").value))
             except UnknownTaskError as exc:
-                self._setup_error = str(exc)
-                self.get_logger().error(self._setup_error)
+                self.setup_error = str(exc)
+                self.get_logger().error(self.setup_error)
                 return TransitionCallbackReturn.FAILURE
         sensor_qos = qos_profile_sensor_data
         self._pub = {

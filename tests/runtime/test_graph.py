@@ -3,6 +3,7 @@ real processes. Also what must happen when things go wrong: unknown task, bad la
 file, a node killed mid-task, and that no DDS socket leaves loopback."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,9 +134,8 @@ def test_node_killed_mid_task_fails_the_task(ros_env, helmstack_interfaces, tmp_
 @pytest.mark.timeout(120)
 def test_malformed_node_config_names_the_field(ros_env, helmstack_interfaces, tmp_path):
     config = tmp_path / "config"
-    config.mkdir()
+    shutil.copytree(ROOT / "launch/config", config)
     (config / "sim.yaml").write_text("physics_hz: 240\ncontrol_hz: 7\n")  # 240 is no multiple of 7
-    (config / "panda_safety.yaml").write_text((ROOT / "launch/config/panda_safety.yaml").read_text())
     launch = tmp_path / "graph.launch.yaml"
     launch.write_text((ROOT / "launch/helmstack.launch.yaml").read_text().replace(
         '"$(find-pkg-share helmstack)/launch/config"', f'"{config}"'))

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pybullet as p
+import pybullet_data
 import pytest
 
 from sim.panda import (
@@ -100,6 +101,22 @@ def test_drawer_urdf_matches_geometry():
         p.disconnect(cid)
 
 
+def test_tray_geometry_matches_asset():
+    cid = p.connect(p.DIRECT)
+    try:
+        p.setAdditionalSearchPath(pybullet_data.getDataPath(), physicsClientId=cid)
+        p.loadURDF("tray/traybox.urdf", useFixedBase=True, globalScaling=geo.TRAY_SCALE, physicsClientId=cid)
+        floor = p.rayTest([0, 0, 0.2], [0, 0, -0.1], physicsClientId=cid)[0][3][2]
+        assert floor == pytest.approx(geo.TRAY_FLOOR_TOP_M, abs=1e-3)
+        z = geo.TRAY_FLOOR_TOP_M + 0.005
+        for direction in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            wall = p.rayTest([0, 0, z], [0.3 * direction[0], 0.3 * direction[1], z], physicsClientId=cid)[0][3]
+            # The predicate's inner footprint lies inside the slanted walls.
+            assert geo.TRAY_INNER_HALF_M[0] <= abs(wall[0] + wall[1]) <= geo.TRAY_INNER_HALF_M[0] + 0.015
+    finally:
+        p.disconnect(cid)
+
+
 def test_ik_is_millimetre_accurate(kinematics):
     q = HOME_Q[:7].copy()
     for x, y, z, yaw in [(0.45, 0.0, 0.3, 0.0), (0.6, -0.3, 0.02, 0.7), (0.35, 0.3, 0.15, -1.2), (0.7, 0.1, 0.05, 1.5)]:
@@ -180,6 +197,7 @@ def test_world_state_contents(scene, kinematics):
     np.testing.assert_allclose(ws.ee_position, ee_p)
     assert ws.gripper_width == pytest.approx(0.0778, abs=1e-3)
     assert ws.sim_time_s == 0.0
+    np.testing.assert_array_equal(WorldState.from_scene(scene).position("drawer"), ws.position("drawer"))
     hand_p, _ = scene.link_pose("panda_hand")
     assert hand_p[2] > ws.ee_position[2]
     # The ROS-side path: names + poses + joint positions -> the same WorldState via FK.

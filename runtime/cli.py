@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="what", required=True)
     graph = bench_sub.add_parser("graph", help="sensor-to-command latency over DDS vs in-process; sim steps/s")
     graph.add_argument("--out", required=True)
-    graph.add_argument("--samples", type=int, default=300)
+    graph.add_argument("--samples", type=int, default=200, help="latency samples per path")
     graph.add_argument("--seed", type=int, default=0)
     graph.add_argument("--domain-id", type=int, default=None)
     graph.set_defaults(func=cmd_bench_graph)

@@ -165,9 +165,11 @@ class PandaKinematics:
 
     # -- kinematics ----------------------------------------------------------------
     def _set_q(self, q: ArrayLike) -> None:
-        q = np.asarray(q, dtype=float)
-        full = np.concatenate([q[:N_ARM_JOINTS], q[N_ARM_JOINTS:N_JOINTS] if q.size >= N_JOINTS else HOME_Q[N_ARM_JOINTS:]])
-        for j, value in zip(self._idx.joints, full):
+        """Teleport the arm (7 values) or arm and fingers (9 values, JOINT_NAMES order)."""
+        q = np.asarray(q, dtype=float).reshape(-1)
+        if q.size not in (N_ARM_JOINTS, N_JOINTS):
+            raise ValueError(f"joint positions must have {N_ARM_JOINTS} or {N_JOINTS} entries, got {q.size}")
+        for j, value in zip(self._idx.joints, q):
             p.resetJointState(self._body, j, float(value), physicsClientId=self._client)
 
     def _grasp_pose(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -187,13 +189,14 @@ class PandaKinematics:
         s = p.getLinkState(self._body, self._idx.links_by_name[link_name], computeForwardKinematics=True, physicsClientId=self._client)
         return np.array(s[4]), np.array(s[5])
 
-    def ik(self, position: ArrayLike, quaternion: ArrayLike, q_seed: ArrayLike, max_rounds: int = 8) -> NDArray[np.float64]:
+    def ik(self, position: ArrayLike, quaternion: ArrayLike, q_seed: ArrayLike, max_refinements: int = 8) -> NDArray[np.float64]:
         """Arm joint positions (7,) placing the grasp frame at `position`/`quaternion` (xyzw).
 
-        pybullet's damped-least-squares IK starts from the body's current joint state, so
-        each round restarts it from the previous answer until the FK error is within
-        IK_POSITION_TOLERANCE_M / IK_ORIENTATION_TOLERANCE_RAD. Rest poses are the seed
-        (keeps consecutive solutions continuous). Raises IKError when it does not converge.
+        pybullet's null-space IK runs from the seed (its starting state and rest pose, which
+        keeps consecutive solutions continuous and within the joint limits); then up to
+        `max_refinements` damped least-squares steps bring the FK error within
+        IK_POSITION_TOLERANCE_M / IK_ORIENTATION_TOLERANCE_RAD. Raises IKError (with the
+        best solution attached) when it does not converge, e.g. out of reach.
         """
         target_p = np.asarray(position, dtype=float)
         target_q = np.asarray(quaternion, dtype=float)
@@ -217,7 +220,7 @@ class PandaKinematics:
         # pybullet's null-space IK trades accuracy for staying near the rest pose; a few
         # damped least-squares steps on the full 6-D error make it millimetre-accurate.
         err_p = err_r = math.inf
-        for _ in range(max_rounds):
+        for _ in range(max_refinements):
             pos, quat = self.fk(q)
             err_p = float(np.linalg.norm(pos - target_p))
             err_r = quaternion_angle_rad(quat, target_q)

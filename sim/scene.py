@@ -141,8 +141,9 @@ class TabletopScene:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         cid = self.client_id
+        for handle in list(self._saved):
+            self.discard_state(handle)
         p.resetSimulation(physicsClientId=cid)
-        self._saved.clear()
         p.setGravity(0, 0, -9.81, physicsClientId=cid)
         p.setTimeStep(1.0 / self.physics_hz, physicsClientId=cid)
         p.setPhysicsEngineParameter(numSolverIterations=80, deterministicOverlappingPairs=1, physicsClientId=cid)

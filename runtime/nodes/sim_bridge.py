@@ -45,6 +45,7 @@ class SimBridge(LifecycleNode):
         self._commanded = threading.Event()
         self._published_at: float | None = None
         self.command_latencies_s: list[float] = []
+        self.lockstep_timeouts = 0
         # Simulation time never runs backwards on the ROS side (timers and caches of every
         # node follow /clock): a reset starts the scene at 0, so stamps add an offset.
         self._time_offset_s = 0.0
@@ -176,7 +177,7 @@ class SimBridge(LifecycleNode):
             except RCLError:  # context shut down under us (Ctrl-C): stop stepping
                 break
             if lockstep and not self._commanded.wait(lockstep_timeout_s):
-                self._published_at = None  # nobody commanded this tick: not a latency sample
+                self.lockstep_timeouts += 1  # a command still arriving before the next tick counts
             if rtf > 0:
                 if sim0 is None:
                     sim0, wall0 = t, time.monotonic()

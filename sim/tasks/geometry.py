@@ -54,8 +54,6 @@ DRAWER_TRAVEL_M = 0.17  # joint upper limit
 DRAWER_INNER_X_M = (-0.10, 0.075)  # drawer box interior at slide 0, cabinet frame
 DRAWER_INNER_HALF_Y_M = 0.105
 DRAWER_FLOOR_TOP_M = 0.02
-DRAWER_WALL_TOP_M = 0.075
-DRAWER_PANEL_X_M = (-0.11, -0.10)
 DRAWER_PANEL_TOP_M = 0.13
 DRAWER_HANDLE_CENTRE_M = (-0.166, 0.0, 0.114)  # handle bar centre at slide 0
 DRAWER_HANDLE_SIZE_M = (0.012, 0.10, 0.012)
@@ -124,11 +122,8 @@ class RegionGeometry:
     x_m: tuple[float, float]
     y_m: tuple[float, float]
 
-    def contains(self, xy: NDArray[np.float64], margin_m: float = 0.0) -> bool:
-        return bool(
-            self.x_m[0] + margin_m <= xy[0] <= self.x_m[1] - margin_m
-            and self.y_m[0] + margin_m <= xy[1] <= self.y_m[1] - margin_m
-        )
+    def contains(self, xy: NDArray[np.float64]) -> bool:
+        return bool(self.x_m[0] <= xy[0] <= self.x_m[1] and self.y_m[0] <= xy[1] <= self.y_m[1])
 
     @property
     def centre(self) -> NDArray[np.float64]:

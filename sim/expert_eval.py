@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import multiprocessing as mp
 import shlex
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from runtime.stats import wilson_interval
 from sim.expert import ExpertConfig, ScriptedExpert
 from sim.panda import PandaKinematics
 from sim.rollout import run_episode
@@ -37,17 +37,6 @@ logger = logging.getLogger(__name__)
 MAX_WORKERS = 2  # the evaluation shares its machine; more processes only contend for cores
 
 _worker: dict[str, Any] = {}
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% (z = 1.96) Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    phat = successes / n
-    denom = 1 + z * z / n
-    centre = (phat + z * z / (2 * n)) / denom
-    half = z * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _init_worker(physics_hz: int, control_hz: int) -> None:

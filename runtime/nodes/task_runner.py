@@ -118,8 +118,7 @@ def run_task(request: RunRequest, console: Console | None = None) -> int:
         node = rclpy.create_node("helmstack_run")
         client = ActionClient(node, ExecuteTask, "/harness/execute_task")
         frames = FrameSaver(node, out / "frames") if request.frames else None
-        _wait_for_graph(node, client, group, out / "logs", console)
-        result["nodes"] = sorted(n.name for n in plan.nodes)
+        result["nodes"] = _wait_for_graph(node, client, group, {n.name for n in plan.nodes if n.name}, out / "logs", console)
         if request.record:
             from runtime.nodes.bag_recorder import BagRecorder
 
@@ -154,16 +153,23 @@ def last_error(log_dir: Path, name: str) -> str:
     return lines[-1].strip() if lines else f"see {log}"
 
 
-def _wait_for_graph(node: Node, client: ActionClient, group: NodeProcessGroup, log_dir: Path, console: Console) -> None:
+def _wait_for_graph(node: Node, client: ActionClient, group: NodeProcessGroup, expected: set[str], log_dir: Path,
+                    console: Console) -> list[str]:
+    """Wait until every launched node is visible in the ROS graph and the harness serves
+    the task action; return the node names that came up."""
     deadline = time.monotonic() + SETUP_TIMEOUT_S
     with console.status("bringing up the node graph..."):
-        while not client.server_is_ready():
+        while True:
+            seen = set(node.get_node_names()) & expected
+            if seen == expected and client.server_is_ready():
+                return sorted(seen)
             dead = group.poll()
             if dead:
                 name, code = dead[0]
                 raise SetupError(f"node '{name}' exited with code {code} during start-up: {last_error(log_dir, name)}")
             if time.monotonic() > deadline:
-                raise SetupError(f"the harness action server did not come up within {SETUP_TIMEOUT_S:.0f} s")
+                raise SetupError(f"within {SETUP_TIMEOUT_S:.0f} s only {sorted(seen) or 'no nodes'} of {sorted(expected)} came up "
+                                 f"(harness action server ready: {client.server_is_ready()})")
             rclpy.spin_once(node, timeout_sec=0.1)
 
 

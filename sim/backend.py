@@ -105,10 +105,7 @@ class PybulletRobot:
         self._wrist = Camera(rig.wrist_camera, cid) if rig.enable_wrist_camera else None
         self._lidar = Lidar(rig.lidar, cid) if rig.enable_lidar else None
         self._events = EventCameraSimulator(rig.event_camera) if rig.enable_event_camera else None
-        self._event_camera = None
-        if self._events is not None:
-            ev = rig.event_camera
-            self._event_camera = Camera(CameraConfig(width=ev.width, height=ev.height, fov_y_deg=ev.fov_y_deg), cid)
+        self._event_camera = Camera(rig.event_camera.render_camera_config(), cid) if self._events is not None else None
         self._gates: dict[str, _RateGate] = {
             "front": _RateGate(rig.front_camera.rate_hz),
             "wrist": _RateGate(rig.wrist_camera.rate_hz),

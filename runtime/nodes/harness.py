@@ -109,6 +109,11 @@ class HarnessNode(Node):
     def _execute(self, goal_handle) -> ExecuteTask.Result:
         goal = goal_handle.request
         result = ExecuteTask.Result()
+        if not goal.task_id:
+            # Instruction -> subgoals needs a planner; the baseline harness runs suite tasks.
+            result.reason = f"no task_id given; instruction-only goals ({goal.instruction!r}) need a planner, not available yet"
+            goal_handle.abort()
+            return result
         try:
             task = get_task(goal.task_id)
         except UnknownTaskError as exc:

@@ -8,6 +8,7 @@ each dataclass's `__post_init__`, whose ValueError is re-raised with the same co
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,15 +23,25 @@ class ConfigError(ValueError):
     """A config file or mapping does not match its schema."""
 
 
-def load_config(cls: type[T], source: str | Path | dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> T:
-    """Build `cls` from a YAML path or a mapping, with optional flat/dotted `overrides`."""
-    origin = "<dict>"
+def load_config(
+    cls: type[T],
+    source: str | Path | dict[str, Any] | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    root: str | None = None,
+    origin: str | None = None,
+) -> T:
+    """Build `cls` from a YAML path or a mapping, with optional flat/dotted `overrides`.
+
+    Error messages read "<origin>: <root>.<field path> ...": `root` names the top level
+    (default: the class name), `origin` the source (default: the file, or "<dict>").
+    """
     if source is None:
-        data: dict[str, Any] = {}
+        data: Any = {}
     elif isinstance(source, dict):
         data = dict(source)
     else:
-        origin = str(source)
+        origin = origin or str(source)
         try:
             text = Path(source).read_text()
         except OSError as exc:
@@ -39,11 +50,10 @@ def load_config(cls: type[T], source: str | Path | dict[str, Any] | None, overri
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{origin}: invalid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{origin}: top level must be a mapping, got {type(data).__name__}")
+    origin = origin or "<dict>"
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted.split("."), value)
-    return _build(cls, data, origin, cls.__name__)
+    return _build(cls, data, origin, root or cls.__name__)
 
 
 def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -58,13 +68,22 @@ def _build(cls: type[T], data: Any, origin: str, path: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{origin}: unknown field(s) {', '.join(path + '.' + k for k in unknown)} (known: {', '.join(fields)})")
+        raise ConfigError(f"{origin}: {path}: unknown field(s) {unknown}; allowed: {sorted(fields)}")
+    missing = sorted(name for name, f in fields.items() if name not in data
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ConfigError(f"{origin}: {path}: missing field(s) {missing}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, origin, f"{path}.{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{origin}: {exc}") from exc
+        # __post_init__ messages that start with one of this class's fields get the full path.
+        message = str(exc)
+        head = re.split(r"[\s\[.:]", message, maxsplit=1)[0]
+        raise ConfigError(f"{origin}: {path}.{message}" if head in fields else f"{origin}: {path}: {message}") from exc
 
 
 def _coerce(hint: Any, value: Any, origin: str, path: str) -> Any:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from runtime.config import ConfigError, load_config
 from sim.tasks.geometry import (
     ALL_KINDS,
     DRAWER_TRAVEL_M,
@@ -45,7 +44,7 @@ COLORS_RGBA: dict[str, tuple[float, float, float, float]] = {
 }
 
 
-class TaskSpecError(ValueError):
+class TaskSpecError(ConfigError):
     """A task file or mapping is malformed; the message names file, field and value."""
 
 
@@ -195,72 +194,19 @@ class TaskSpec:
 
 
 # -- loading ------------------------------------------------------------------------------
-def _build(cls: type, data: Any, origin: str, path: str, nested: Mapping[str, Any] | None = None) -> Any:
-    """Build dataclass `cls` from a mapping, strictly: unknown/missing keys are errors."""
-    if not isinstance(data, Mapping):
-        raise TaskSpecError(f"{origin}: {path} must be a mapping, got {data!r}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise TaskSpecError(f"{origin}: {path}: unknown field(s) {unknown}; allowed: {sorted(names)}")
-    kwargs = dict(data)
-    for key, builder in (nested or {}).items():
-        if key in kwargs:
-            kwargs[key] = builder(kwargs[key], f"{path}.{key}")
-    for key in ("x_m", "y_m", "yaw_deg", "size_m", "initial_joint_m"):
-        if isinstance(kwargs.get(key), list):
-            kwargs[key] = tuple(kwargs[key])
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        missing = sorted(f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING)
-        if missing:
-            raise TaskSpecError(f"{origin}: {path}: missing field(s) {missing}") from exc
-        raise TaskSpecError(f"{origin}: {path}: bad value type: {exc}") from exc
-    except ValueError as exc:
-        if isinstance(exc, TaskSpecError):
-            raise
-        raise TaskSpecError(f"{origin}: {path}.{exc}" if _starts_with_field(str(exc), names) else f"{origin}: {path}: {exc}") from exc
-
-
-def _starts_with_field(message: str, names: set[str]) -> bool:
-    head = message.split(" ", 1)[0].split("[", 1)[0].split(":", 1)[0].split(".", 1)[0]
-    return head in names
-
-
 def task_from_dict(data: Any, origin: str = "<dict>") -> TaskSpec:
     """Build and validate a TaskSpec from a parsed YAML mapping."""
-
-    def region(value: Any, path: str) -> RegionSpec:
-        return _build(RegionSpec, value, origin, path)
-
-    def objects(value: Any, path: str) -> tuple[ObjectSpec, ...]:
-        if not isinstance(value, list):
-            raise TaskSpecError(f"{origin}: {path} must be a list, got {value!r}")
-        return tuple(_build(ObjectSpec, v, origin, f"{path}[{i}]", {"region": region}) for i, v in enumerate(value))
-
-    def subgoals(value: Any, path: str) -> tuple[SubgoalSpec, ...]:
-        if not isinstance(value, list):
-            raise TaskSpecError(f"{origin}: {path} must be a list, got {value!r}")
-        return tuple(_build(SubgoalSpec, v, origin, f"{path}[{i}]") for i, v in enumerate(value))
-
-    def regions(value: Any, path: str) -> dict[str, RegionSpec]:
-        if not isinstance(value, Mapping):
-            raise TaskSpecError(f"{origin}: {path} must be a mapping of name -> region, got {value!r}")
-        return {str(k): region(v, f"{path}.{k}") for k, v in value.items()}
-
-    return _build(TaskSpec, data, origin, "task", {"objects": objects, "subgoals": subgoals, "regions": regions})
+    if not isinstance(data, Mapping):
+        raise TaskSpecError(f"{origin}: task must be a mapping, got {data!r}")
+    try:
+        return load_config(TaskSpec, dict(data), root="task", origin=origin)
+    except ConfigError as exc:
+        raise TaskSpecError(str(exc)) from exc
 
 
 def load_task_file(path: str | Path) -> TaskSpec:
     """Load one task YAML file."""
-    origin = str(path)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise TaskSpecError(f"{origin}: cannot read task file: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise TaskSpecError(f"{origin}: invalid YAML: {exc}") from exc
-    return task_from_dict(data, origin)
+        return load_config(TaskSpec, Path(path), root="task")
+    except ConfigError as exc:
+        raise TaskSpecError(str(exc)) from exc

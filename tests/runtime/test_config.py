@@ -32,6 +32,22 @@ def test_builds_nested_dataclass_with_int_to_float(tmp_path):
     assert isinstance(cfg.inner.rate_hz, float)
 
 
+@dataclass
+class Needs:
+    rate_hz: float
+
+    def __post_init__(self):
+        if self.rate_hz <= 0:
+            raise ValueError(f"rate_hz must be > 0, got {self.rate_hz}")
+
+
+def test_missing_fields_and_field_messages_get_the_path():
+    with pytest.raises(ConfigError, match=r"<dict>: Needs: missing field\(s\) \['rate_hz'\]"):
+        load_config(Needs, {})
+    with pytest.raises(ConfigError, match=r"cfg: root.rate_hz must be > 0, got -1"):
+        load_config(Needs, {"rate_hz": -1}, root="root", origin="cfg")
+
+
 def test_dotted_overrides():
     assert load_config(Outer, {}, {"inner.rate_hz": 5.0}).inner.rate_hz == 5.0
 
@@ -39,7 +55,7 @@ def test_dotted_overrides():
 @pytest.mark.parametrize(
     "data,fragment",
     [
-        ({"nme": "a"}, "unknown field(s) Outer.nme"),
+        ({"nme": "a"}, "Outer: unknown field(s) ['nme']"),
         ({"size": [1]}, "Outer.size must have 2 elements"),
         ({"mode": "mars"}, "Outer.mode must be one of"),
         ({"inner": {"rate_hz": "fast"}}, "Outer.inner.rate_hz must be a number, got 'fast'"),

@@ -1,0 +1,1 @@
+"""Language-model RL: verifiable task substrate, reward functions and GRPO-family training."""

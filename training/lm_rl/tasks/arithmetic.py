@@ -1,0 +1,92 @@
+"""Multi-step integer arithmetic with a scratchpad, e.g. "Compute ((17 + 5) * 3) - 8.".
+
+The expression is built one operation at a time around the running value, so difficulty is
+exactly the number of operations and the scratchpad is one line per operation
+("17 + 5 = 22"). The model must end with `Answer: <int>`; the verifier compares integers
+exactly. Only + - * are used so every intermediate value is an integer.
+"""
+from __future__ import annotations
+
+import random
+
+from training.lm_rl.tasks.base import (
+    ANSWER_PREFIX,
+    Problem,
+    TaskFamily,
+    check_difficulty,
+    parse_int,
+)
+
+_OPERATORS = ("+", "-", "*")
+# Operand ranges: sums stay readable with two-digit operands; factors are single digits so
+# values grow by at most ~10x per multiplication even at high difficulty.
+_ADD_RANGE = (1, 50)
+_MUL_RANGE = (2, 9)
+
+_FORMAT_INSTRUCTION = (
+    "Show your steps, one operation per line, then finish with a final line "
+    "'Answer: <integer>'."
+)
+
+
+def _apply(left: int, op: str, right: int) -> int:
+    if op == "+":
+        return left + right
+    if op == "-":
+        return left - right
+    return left * right
+
+
+def _fmt(value: int) -> str:
+    # Parenthesise negatives so a step never reads "5 - -3".
+    return f"({value})" if value < 0 else str(value)
+
+
+class ArithmeticTask(TaskFamily):
+    """Integer expressions with `difficulty` operations; answer is the integer value."""
+
+    name = "arithmetic"
+
+    def generate(self, rng: random.Random, difficulty: int) -> Problem:
+        check_difficulty(difficulty)
+        value = rng.randint(*_ADD_RANGE)
+        expression = str(value)
+        steps: list[tuple[int, str, int, int]] = []
+        for index in range(difficulty):
+            op = rng.choice(_OPERATORS)
+            operand = rng.randint(*(_MUL_RANGE if op == "*" else _ADD_RANGE))
+            inner = expression if index == 0 else f"({expression})"
+            if rng.random() < 0.5:
+                left, right = value, operand
+                expression = f"{inner} {op} {operand}"
+            else:
+                left, right = operand, value
+                expression = f"{operand} {op} {inner}"
+            value = _apply(left, op, right)
+            steps.append((left, op, right, value))
+        return Problem(
+            task=self.name,
+            prompt=f"Compute {expression}.\n{_FORMAT_INSTRUCTION}",
+            answer=str(value),
+            difficulty=difficulty,
+            meta={"expression": expression, "steps": tuple(steps)},
+        )
+
+    def parse_answer(self, answer_text: str) -> int | None:
+        return parse_int(answer_text)
+
+    def is_correct(self, problem: Problem, parsed: int) -> bool:
+        return parsed == int(problem.answer)
+
+    def trace(self, problem: Problem) -> str:
+        return scratchpad_trace(problem)
+
+
+def scratchpad_trace(problem: Problem) -> str:
+    """Correct step-by-step solution: one `a op b = c` line per operation, then the answer."""
+    lines = [
+        f"{_fmt(left)} {op} {_fmt(right)} = {result}"
+        for left, op, right, result in problem.meta["steps"]
+    ]
+    lines.append(f"{ANSWER_PREFIX} {problem.answer}")
+    return "\n".join(lines)

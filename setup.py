@@ -71,7 +71,7 @@ setup(
     ],
     extras_require={
         "ros": ROS_WHEELS,
-        "learning": ["torch", "torchvision"],
+        "learning": ["torch", "torchvision", "transformers>=4.46", "tokenizers", "safetensors"],
         "test": ["pytest", "pytest-timeout"],
     },
     zip_safe=True,

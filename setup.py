@@ -71,7 +71,7 @@ setup(
     ],
     extras_require={
         "ros": ROS_WHEELS,
-        "learning": ["torch", "torchvision", "transformers>=4.46", "tokenizers", "safetensors"],
+        "learning": ["torch", "torchvision", "transformers>=4.46", "tokenizers", "safetensors", "tensorboard", "matplotlib"],
         "test": ["pytest", "pytest-timeout"],
     },
     zip_safe=True,

@@ -6,6 +6,8 @@
   helmstack eval expert [...]                             scripted-expert success table
   helmstack bench graph --out FILE                        graph latency / sim throughput
   helmstack build-interfaces [--force]                    build helmstack_interfaces (pip installs)
+  helmstack train lm --method M --task T --model tiny|PATH --out DIR [--max-steps N] [--resume]
+                                                          GRPO-family RL on a reasoning task
 
 ROS-dependent modules are imported inside the commands, so `helmstack --help` and the
 pure-Python commands work without ROS 2.
@@ -126,6 +128,37 @@ def cmd_bench_graph(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_train_lm(args: argparse.Namespace) -> int:
+    # torch and transformers load in seconds; only this command pays for them.
+    import json
+    import logging
+
+    from training.lm_rl.models import ModelLoadError
+    from training.lm_rl.trainer import CheckpointError, GRPOTrainer, TrainConfig
+
+    options = {
+        "method": args.method, "task": args.task, "model": args.model, "out_dir": args.out,
+        "difficulty": args.difficulty, "max_steps": args.max_steps, "prompts_per_step": args.prompts_per_step,
+        "group_size": args.group_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+        "top_p": args.top_p, "lr": args.lr, "beta": args.beta, "format_weight": args.format_weight,
+        "save_every": args.save_every, "eval_problems": args.eval_problems, "sft_steps": args.sft_steps,
+        "seed": args.seed, "device": args.device, "progress": not args.no_progress,
+    }
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        # Options left out keep TrainConfig's defaults.
+        config = TrainConfig(**{k: v for k, v in options.items() if v is not None})
+        trainer = GRPOTrainer(config, resume=args.resume)
+    except ModelLoadError as exc:
+        return _fail_setup(f"cannot load the model: {exc}")
+    except (ValueError, CheckpointError) as exc:
+        # One line even when the message lists several refused checkpoints.
+        return _fail_setup(" ".join(str(exc).split()))
+    summary = trainer.train()
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helmstack", description="helmstack robot runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +205,35 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--seed", type=int, default=0)
     graph.add_argument("--domain-id", type=int, default=None)
     graph.set_defaults(func=cmd_bench_graph)
+
+    train = sub.add_parser("train", help="offline training pipelines")
+    train_sub = train.add_subparsers(dest="what", required=True)
+    lm = train_sub.add_parser("lm", help="GRPO-family RL of a causal LM on a verifiable reasoning task",
+                              description="Train a language model with a GRPO-family method; writes tb/, metrics.jsonl, "
+                                          "checkpoints/ and curves.png under --out. Unset options keep the "
+                                          "defaults of training.lm_rl.trainer.TrainConfig.")
+    lm.add_argument("--method", required=True, help="loss preset: grpo | dr_grpo | dapo | gspo")
+    lm.add_argument("--task", required=True, help="task family: arithmetic | countdown | logic_chain")
+    lm.add_argument("--model", required=True, help="'tiny' (fresh TinyLM) or a local save_pretrained directory")
+    lm.add_argument("--out", required=True, help="run directory")
+    lm.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    lm.add_argument("--difficulty", type=int, help="task difficulty (default 1)")
+    lm.add_argument("--max-steps", type=int, help="total optimiser steps (default 100)")
+    lm.add_argument("--prompts-per-step", type=int, help="prompts per step (default 8)")
+    lm.add_argument("--group-size", type=int, help="completions per prompt (default 8)")
+    lm.add_argument("--max-new-tokens", type=int, help="generation budget per completion (default 64)")
+    lm.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    lm.add_argument("--top-p", type=float, help="nucleus sampling mass (default 1.0)")
+    lm.add_argument("--lr", type=float, help="AdamW learning rate (default 1e-5)")
+    lm.add_argument("--beta", type=float, help="KL weight to the initial policy (default 0)")
+    lm.add_argument("--format-weight", type=float, help="weight of the format reward (default 0)")
+    lm.add_argument("--save-every", type=int, help="checkpoint + held-out eval interval in steps (default 50)")
+    lm.add_argument("--eval-problems", type=int, help="held-out TEST problems for greedy accuracy (default 64)")
+    lm.add_argument("--sft-steps", type=int, help="SFT warm-start steps for --model tiny (default 0)")
+    lm.add_argument("--seed", type=int, help="seed (default 0)")
+    lm.add_argument("--device", help="auto | cpu | cuda[:N] (default auto)")
+    lm.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lm.set_defaults(func=cmd_train_lm)
     return parser
 
 

@@ -1,0 +1,512 @@
+"""GRPO-family training loop for a causal LM on the verifiable reasoning tasks.
+
+What: ``GRPOTrainer`` runs on-policy group-relative policy optimisation: each step draws
+prompts from the TRAIN split (``make_split``), samples a group of completions per prompt
+(``generate``), scores them with the task verifier (``safe_reward(correctness_reward)``, plus
+an optional weighted ``format_reward``), turns rewards into per-token advantages and a loss
+mask with a named loss preset, recomputes log-probs with gradients (``sequence_logprobs``)
+and takes one AdamW step on ``policy_loss_for``.
+
+Presets (docs/papers/lm-rl.md, ``training.lm_rl.core.registry``): ``grpo`` (DeepSeekMath),
+``dr_grpo`` (Dr. GRPO), ``dapo`` (DAPO clip-higher, dynamic sampling as dropping
+zero-variance groups, token-level loss) and ``gspo`` (GSPO sequence-level ratio).
+
+Outputs under ``out_dir``: ``tb/`` (TensorBoard, namespaced keys ``charts/*``, ``losses/*``,
+``eval/*``), ``metrics.jsonl`` (one JSON record per step, plus eval records), ``curves.png``
+and ``checkpoints/step-XXXXXXXX/``. A checkpoint is written into a hidden staging directory
+and renamed into place, so a directory with a final name was complete when written; it holds
+the model and tokenizer (``save_pretrained``, safetensors), ``optimizer.pt`` and
+``trainer_state.pt`` (step, config, RNG states of python / torch / the sampling generator),
+both loadable with ``torch.load(weights_only=True)``. Resuming picks the newest checkpoint
+that loads cleanly and refuses damaged ones with a warning naming the problem.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from training.lm_rl.core import get_preset, outcome_advantages_for, policy_loss_for, preset_names
+from training.lm_rl.models import TINY, load_policy_model
+from training.lm_rl.rewards import correctness_reward, format_reward, safe_reward
+from training.lm_rl.rollout import SamplingConfig, generate, sequence_logprobs
+from training.lm_rl.sft import encode_prompt, greedy_accuracy, save_atomically, sft_warm_start
+from training.lm_rl.tasks import Problem, get_task, make_split
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+REFERENCE_DIR = "reference"
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "curves.png"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.pt"
+_CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
+# SFT warm-start settings: a batch and lr that teach the tiny model the answer format in a
+# few hundred steps (see tests/training/lm_rl/test_sft.py).
+_SFT_BATCH_SIZE = 16
+_SFT_LR = 3e-3
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one is required, or checkpoints where none are expected."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one GRPO-family run; every field is also a ``helmstack train lm`` option."""
+
+    method: str = field(default="grpo", metadata={"help": "Loss preset: grpo | dr_grpo | dapo | gspo."})
+    task: str = field(default="arithmetic", metadata={"help": "Task family (arithmetic, countdown, logic_chain)."})
+    difficulty: int = field(default=1, metadata={"help": "Task difficulty level (>= 1)."})
+    model: str = field(default=TINY, metadata={"help": "'tiny' (fresh TinyLM) or a local save_pretrained directory."})
+    out_dir: str = field(default="runs/lm_rl", metadata={"help": "Run directory: tb/, metrics.jsonl, checkpoints/, curves.png."})
+    max_steps: int = field(default=100, metadata={"help": "Optimiser steps in total (a resumed run continues up to it)."})
+    prompts_per_step: int = field(default=8, metadata={"help": "Prompts drawn from the TRAIN split per step."})
+    group_size: int = field(default=8, metadata={"help": "Completions sampled per prompt (the GRPO group, >= 2)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Generation budget per completion, in tokens."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0; training needs sampling)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]."})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (constant)."})
+    beta: float = field(default=0.0, metadata={"help": "k3 KL weight to the frozen initial policy; 0 disables the reference."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clipping threshold (> 0)."})
+    format_weight: float = field(default=0.0, metadata={"help": "Weight of format_reward added to the correctness reward (>= 0)."})
+    save_every: int = field(default=50, metadata={"help": "Checkpoint (and held-out eval) every this many steps."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints kept (>= 2, so a damaged one has a fallback)."})
+    eval_problems: int = field(default=64, metadata={"help": "Held-out TEST problems for greedy accuracy (0 skips eval)."})
+    sft_steps: int = field(default=0, metadata={"help": "SFT warm-start steps before RL when the model is 'tiny' (0: none)."})
+    seed: int = field(default=0, metadata={"help": "Seed of model init, prompt stream, sampling and torch/python RNGs."})
+    device: str = field(default="auto", metadata={"help": "'auto' (cuda when available), 'cpu' or 'cuda[:N]'."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+
+    def __post_init__(self) -> None:
+        if self.method not in preset_names():
+            raise ValueError(f"TrainConfig.method={self.method!r} is unknown; valid: {', '.join(preset_names())}")
+        get_task(self.task)  # raises ValueError naming the valid tasks
+        positive = ("difficulty", "max_steps", "prompts_per_step", "max_new_tokens", "save_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise ValueError(f"TrainConfig.group_size must be >= 2 (a group needs a spread), got {self.group_size}")
+        if not self.temperature > 0:
+            raise ValueError(f"TrainConfig.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"TrainConfig.top_p must be in (0, 1], got {self.top_p}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        for name in ("beta", "format_weight", "eval_problems", "sft_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 2:
+            raise ValueError(f"TrainConfig.keep_checkpoints must be >= 2, got {self.keep_checkpoints}")
+        if self.sft_steps > 0 and self.model != TINY:
+            raise ValueError(f"TrainConfig.sft_steps={self.sft_steps} needs model='tiny', got model={self.model!r}")
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"TrainConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories under out_dir/checkpoints with a final name, oldest first."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT_NAME.match(p.name).group(1)))
+
+
+@dataclass
+class _LoadedCheckpoint:
+    path: Path
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    optimizer_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+
+def _load_checkpoint(path: Path) -> _LoadedCheckpoint:
+    """Load every part of one checkpoint; any missing or damaged file raises CheckpointError."""
+    try:
+        # Read the weights file directly first: a truncated safetensors file is reported as
+        # such instead of as a generic model-loading failure.
+        weight_files = sorted(path.glob("*.safetensors"))
+        if not weight_files:
+            raise FileNotFoundError(f"no *.safetensors weights in {path}")
+        for weights in weight_files:
+            load_file(weights)
+        optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True)
+        trainer_state = torch.load(path / STATE_FILE, weights_only=True)
+        for key in ("step", "config", "python_rng", "torch_rng", "generator"):
+            if key not in trainer_state:
+                raise KeyError(f"{STATE_FILE} lacks {key!r}")
+        model, tokenizer = load_policy_model(str(path))
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, KeyError, ValueError) as error:
+        # ModelLoadError is a ValueError; RuntimeError covers torch's "failed reading zip archive".
+        raise CheckpointError(f"checkpoint {path} is damaged or incomplete: {type(error).__name__}: {error}") from error
+    return _LoadedCheckpoint(path, model, tokenizer, optimizer_state, trainer_state)
+
+
+def load_latest_checkpoint(out_dir: str | os.PathLike) -> _LoadedCheckpoint:
+    """The newest checkpoint in out_dir that loads cleanly; damaged ones are refused with a warning."""
+    candidates = list_checkpoints(out_dir)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint to resume from in {Path(out_dir) / CHECKPOINT_DIR}")
+    problems: list[str] = []
+    for path in reversed(candidates):
+        try:
+            return _load_checkpoint(path)
+        except CheckpointError as error:
+            logger.warning("refusing %s; trying the previous checkpoint", error)
+            problems.append(str(error))
+    raise CheckpointError("no complete checkpoint to resume from:\n  " + "\n  ".join(problems))
+
+
+def _write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    with path.open("w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of out_dir/metrics.jsonl in order (empty when the file does not exist)."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """PNG of reward, accuracy, policy loss and tokens/s per step, with held-out accuracy marks."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: training machines have no display
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "charts/reward" in r]
+    evals = [r for r in records if "eval/accuracy" in r]
+    panels = (
+        ("charts/reward", "reward"),
+        ("charts/accuracy", "train accuracy"),
+        ("losses/policy", "policy loss"),
+        ("charts/tokens_per_s", "tokens/s"),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], marker=".")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if evals:
+        axes[0, 1].plot([r["step"] for r in evals], [r["eval/accuracy"] for r in evals], "s-", label="held-out (greedy)")
+        axes[0, 1].legend()
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+class GRPOTrainer:
+    """On-policy GRPO-family trainer (one optimiser step per sampled batch).
+
+    Building it loads the policy (or, with ``resume``, the newest complete checkpoint in
+    ``config.out_dir``); ``train()`` runs up to ``config.max_steps``.
+    Raises ModelLoadError for an unloadable model and CheckpointError when resuming finds no
+    usable checkpoint or a fresh run would mix with an existing one.
+    """
+
+    def __init__(self, config: TrainConfig, *, resume: bool = False) -> None:
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        self.device = _resolve_device(config.device)
+        self.loss_config = get_preset(
+            config.method,
+            # Dr. GRPO's constant normaliser is the generation budget; other presets ignore it.
+            max_completion_length=config.max_new_tokens,
+            beta=config.beta,
+            use_reference=config.beta > 0,
+        )
+        self.sampling = SamplingConfig(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p, seed=config.seed
+        )
+        self.correctness = safe_reward(correctness_reward)
+        self.format = safe_reward(format_reward)
+        self.step = 0
+        loaded: _LoadedCheckpoint | None = None
+        if resume:
+            loaded = load_latest_checkpoint(self.out_dir)
+            self.model, self.tokenizer = loaded.model, loaded.tokenizer
+            self.step = int(loaded.trainer_state["step"])
+            logger.info("resuming from %s at step %d", loaded.path, self.step)
+            self._warn_on_changed_config(loaded.trainer_state["config"])
+        else:
+            if list_checkpoints(self.out_dir):
+                raise CheckpointError(
+                    f"{self.out_dir} already holds checkpoints; pass resume=True (--resume) or choose a new out_dir"
+                )
+            self._seed_everything()
+            self.model, self.tokenizer = load_policy_model(config.model, seed=config.seed)
+        self.model.to(self.device)
+        # Dropout would make the sampled and the trained policy differ; RL keeps eval mode.
+        self.model.eval()
+        if not resume and config.sft_steps > 0:
+            sft_warm_start(
+                self.model, self.tokenizer, [config.task], config.difficulty, steps=config.sft_steps,
+                batch_size=_SFT_BATCH_SIZE, lr=_SFT_LR, seed=config.seed, progress=config.progress,
+                eval_problems=max(config.eval_problems, 1), max_new_tokens=config.max_new_tokens,
+            )
+            self.model.eval()
+        self.reference = self._reference_policy(resume)
+        # weight_decay 0: RL fine-tuning should move the policy only where rewards say so.
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        if loaded is not None:
+            self.optimizer.load_state_dict(loaded.optimizer_state)
+            self._restore_rng(loaded.trainer_state)
+        # The prompt stream is a fixed function of (task, difficulty, seed): step s always
+        # trains on the same prompts, which a resumed run needs. make_split's stream is a
+        # prefix-stable sequence, so its length does not change earlier prompts.
+        self.train_problems = make_split(
+            config.task, "train", config.max_steps * config.prompts_per_step, config.difficulty, seed=config.seed
+        )
+        self.test_problems = make_split(config.task, "test", config.eval_problems, config.difficulty, seed=config.seed)
+
+    # --- setup helpers -------------------------------------------------------------------
+    def _seed_everything(self) -> None:
+        random.seed(self.config.seed)
+        torch.manual_seed(self.config.seed)
+
+    def _warn_on_changed_config(self, saved: dict[str, Any]) -> None:
+        # A changed prompt stream or loss makes the resumed run differ from an uninterrupted one.
+        for name in ("method", "task", "difficulty", "prompts_per_step", "group_size", "seed", "lr", "beta"):
+            if saved.get(name) != getattr(self.config, name):
+                logger.warning("resuming with %s=%r, but the checkpoint was trained with %r",
+                               name, getattr(self.config, name), saved.get(name))
+
+    def _reference_policy(self, resume: bool) -> PreTrainedModel | None:
+        """Frozen initial policy for the KL term, saved once so a resumed run keeps the same one."""
+        if self.config.beta == 0:
+            return None
+        path = self.out_dir / REFERENCE_DIR
+        if resume:
+            reference, _ = load_policy_model(str(path))
+        else:
+            reference = copy.deepcopy(self.model)
+            save_atomically(reference, self.tokenizer, path)
+        reference.to(self.device).eval().requires_grad_(False)
+        return reference
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["generator"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # --- one step --------------------------------------------------------------------------
+    def _batch_problems(self, step: int) -> list[Problem]:
+        per_step = self.config.prompts_per_step
+        return self.train_problems[step * per_step : (step + 1) * per_step]
+
+    def _rewards(self, texts: list[str], problems: list[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward, correctness), each (B,) float32."""
+        correct = torch.tensor(self.correctness(texts, problems=problems), dtype=torch.float32)
+        reward = correct.clone()
+        if self.config.format_weight > 0:
+            fmt = torch.tensor(self.format(texts, problems=problems), dtype=torch.float32)
+            reward = reward + self.config.format_weight * fmt
+        return reward, correct
+
+    def train_step(self) -> dict[str, float]:
+        """Sample, score and update once; returns the step's metrics (self.step advances)."""
+        cfg = self.config
+        started = time.perf_counter()
+        problems = self._batch_problems(self.step)
+        prompts = [encode_prompt(self.tokenizer, p.prompt) for p in problems]
+        rollout = generate(
+            self.model, self.tokenizer, prompts, self.sampling,
+            num_samples_per_prompt=cfg.group_size, generator=self.generator,
+        )
+        expanded = [p for p in problems for _ in range(cfg.group_size)]  # B = P * G, group-major
+        reward, correct = self._rewards(rollout.texts, expanded)  # (B,), (B,)
+        # Rewards are computed on the CPU; the rollout's tensors live where the model does.
+        adv = outcome_advantages_for(
+            self.loss_config, reward.to(rollout.group_ids.device), rollout.group_ids, rollout.completion_mask
+        )
+
+        mask = adv.mask.to(self.device)  # (B, T)
+        pad_id = self.tokenizer.pad_token_id
+        logp = sequence_logprobs(
+            self.model, rollout.prompt_ids, rollout.completion_ids, rollout.completion_mask, pad_id=pad_id
+        )  # (B, T), with grad
+        ref_logp = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp = sequence_logprobs(
+                    self.reference, rollout.prompt_ids, rollout.completion_ids, rollout.completion_mask, pad_id=pad_id
+                )
+        # pi_old is the sampling-time untempered policy (Rollout.logp_raw), so the ratio is ~1
+        # on this single on-policy update and clipping reports numerical drift only.
+        loss, stats = policy_loss_for(
+            self.loss_config, logp, rollout.logp_raw.to(self.device), adv.advantages.to(self.device), mask, ref_logp
+        )
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite policy loss {loss.item()} at step {self.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=cfg.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+
+        elapsed = time.perf_counter() - started
+        lengths = rollout.completion_mask.sum(dim=1).float()  # (B,)
+        return {
+            "step": self.step,
+            "charts/reward": float(reward.mean()),
+            "charts/reward_std": float(reward.std()),
+            "charts/accuracy": float(correct.mean()),
+            "charts/completion_length": float(lengths.mean()),
+            "charts/truncated_fraction": sum(r == "length" for r in rollout.finish_reason) / len(rollout.finish_reason),
+            "charts/zero_variance_groups": float(adv.num_zero_variance_groups),
+            "charts/dropped_groups": float(adv.num_dropped_groups),
+            "charts/tokens_per_s": rollout.num_generated_tokens / elapsed,
+            "charts/generation_tokens_per_s": rollout.tokens_per_s,
+            "charts/step_time_s": elapsed,
+            "losses/policy": float(loss.detach()),
+            "losses/clip_fraction": stats["clip_fraction"],
+            "losses/ratio_mean": stats["ratio_mean"],
+            "losses/kl": stats["kl_mean"],
+            "losses/grad_norm": float(grad_norm),
+        }
+
+    # --- evaluation and checkpoints ----------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy on the held-out TEST problems (task verifier); {} when eval_problems is 0."""
+        if not self.test_problems:
+            return {}
+        return greedy_accuracy(self.model, self.tokenizer, self.test_problems, self.config.max_new_tokens)
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-XXXXXXXX atomically, then prune to keep_checkpoints."""
+        root = self.out_dir / CHECKPOINT_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / f"step-{self.step:08d}"
+        staging = root / f".{target.name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)  # safetensors by default
+        self.tokenizer.save_pretrained(staging)
+        torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
+        state: dict[str, Any] = {
+            "step": self.step,
+            "config": asdict(self.config),
+            "python_rng": random.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "generator": self.generator.get_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save(state, staging / STATE_FILE)
+        # rename(2) cannot replace a non-empty directory (a damaged checkpoint of the same
+        # step, left by a run that resumed from an earlier one): move it aside first.
+        previous = root / f".{target.name}.old-{os.getpid()}"
+        if target.exists():
+            os.replace(target, previous)
+        os.replace(staging, target)
+        shutil.rmtree(previous, ignore_errors=True)
+        for stale in list_checkpoints(self.out_dir)[: -self.config.keep_checkpoints]:
+            shutil.rmtree(stale)
+        logger.info("saved checkpoint %s", target)
+        return target
+
+    def _truncate_metrics(self) -> None:
+        """Drop records past the resumed step (written after the checkpoint by a killed run)."""
+        path = self.out_dir / METRICS_FILE
+        if path.exists():
+            _write_json_lines(path, [r for r in read_metrics(self.out_dir) if r["step"] <= self.step])
+
+    # --- the loop ------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        """Train up to max_steps; returns the last step's metrics, final eval and output paths."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        cfg = self.config
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_metrics()
+        # purge_step hides TensorBoard events a killed run wrote after its last checkpoint.
+        writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+        metrics_path = self.out_dir / METRICS_FILE
+        last: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, desc=f"{cfg.method}/{cfg.task}",
+            disable=not cfg.progress, dynamic_ncols=True,
+        )
+        try:
+            with metrics_path.open("a") as metrics_file:
+                while self.step < cfg.max_steps:
+                    last = self.train_step()
+                    self._log(writer, metrics_file, last)
+                    bar.update(1)
+                    bar.set_postfix(
+                        tok_s=f"{last['charts/tokens_per_s']:.0f}",
+                        reward=f"{last['charts/reward']:.3f}",
+                        acc=f"{last['charts/accuracy']:.3f}",
+                    )
+                    if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                        eval_metrics = self._evaluate_and_log(writer, metrics_file)
+                        self.save_checkpoint()
+                if not eval_metrics:
+                    # A resumed run that had already reached max_steps still reports held-out accuracy.
+                    eval_metrics = self._evaluate_and_log(writer, metrics_file)
+        finally:
+            bar.close()
+            writer.close()
+        plot = plot_curves(read_metrics(self.out_dir), self.out_dir / PLOT_FILE)
+        if eval_metrics:
+            logger.info("step %d held-out accuracy %.3f", self.step, eval_metrics["eval/accuracy"])
+        return {
+            **last,
+            **eval_metrics,
+            "step": self.step,
+            "plot": str(plot),
+            "checkpoint": str(list_checkpoints(self.out_dir)[-1]),
+        }
+
+    def _evaluate_and_log(self, writer: Any, metrics_file: Any) -> dict[str, float]:
+        eval_metrics = self.evaluate()
+        if eval_metrics:
+            self._log(writer, metrics_file, {"step": self.step, **eval_metrics})
+        return eval_metrics
+
+    @staticmethod
+    def _log(writer: Any, metrics_file: Any, record: dict[str, float]) -> None:
+        step = int(record["step"])
+        for key, value in record.items():
+            if key != "step" and math.isfinite(value):
+                writer.add_scalar(key, value, step)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()

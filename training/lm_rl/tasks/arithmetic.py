@@ -11,10 +11,9 @@ import random
 
 from training.lm_rl.tasks.base import (
     ANSWER_PREFIX,
+    IntegerAnswerTask,
     Problem,
-    TaskFamily,
     check_difficulty,
-    parse_int,
 )
 
 _OPERATORS = ("+", "-", "*")
@@ -42,7 +41,7 @@ def _fmt(value: int) -> str:
     return f"({value})" if value < 0 else str(value)
 
 
-class ArithmeticTask(TaskFamily):
+class ArithmeticTask(IntegerAnswerTask):
     """Integer expressions with `difficulty` operations; answer is the integer value."""
 
     name = "arithmetic"
@@ -71,12 +70,6 @@ class ArithmeticTask(TaskFamily):
             difficulty=difficulty,
             meta={"expression": expression, "steps": tuple(steps)},
         )
-
-    def parse_answer(self, answer_text: str) -> int | None:
-        return parse_int(answer_text)
-
-    def is_correct(self, problem: Problem, parsed: int) -> bool:
-        return parsed == int(problem.answer)
 
     def trace(self, problem: Problem) -> str:
         return scratchpad_trace(problem)

@@ -103,3 +103,13 @@ class TaskFamily(abc.ABC):
         """Whether the completion ends in an `Answer:` line this family can parse."""
         answer_text = extract_final_answer(completion)
         return answer_text is not None and self.parse_answer(answer_text) is not None
+
+
+class IntegerAnswerTask(TaskFamily):
+    """A family whose answer is one integer, compared exactly with `problem.answer`."""
+
+    def parse_answer(self, answer_text: str) -> int | None:
+        return parse_int(answer_text)
+
+    def is_correct(self, problem: Problem, parsed: int) -> bool:
+        return parsed == int(problem.answer)

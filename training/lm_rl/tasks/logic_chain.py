@@ -14,10 +14,9 @@ import string
 
 from training.lm_rl.tasks.base import (
     ANSWER_PREFIX,
+    IntegerAnswerTask,
     Problem,
-    TaskFamily,
     check_difficulty,
-    parse_int,
 )
 
 _LINKS_PER_LEVEL = 2
@@ -57,7 +56,7 @@ def _evaluate(binding: _Binding, values: dict[str, int]) -> int:
     return values[source]
 
 
-class LogicChainTask(TaskFamily):
+class LogicChainTask(IntegerAnswerTask):
     """Follow a chain of `2 * difficulty` bindings past `2 * difficulty` distractors."""
 
     name = "logic_chain"
@@ -109,12 +108,6 @@ class LogicChainTask(TaskFamily):
             difficulty=difficulty,
             meta={"query": query, "chain": tuple(chain)},
         )
-
-    def parse_answer(self, answer_text: str) -> int | None:
-        return parse_int(answer_text)
-
-    def is_correct(self, problem: Problem, parsed: int) -> bool:
-        return parsed == int(problem.answer)
 
     def trace(self, problem: Problem) -> str:
         return scratchpad_trace(problem)

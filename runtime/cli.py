@@ -6,7 +6,7 @@
   helmstack eval expert [...]                             scripted-expert success table
   helmstack bench graph --out FILE                        graph latency / sim throughput
   helmstack build-interfaces [--force]                    build helmstack_interfaces (pip installs)
-  helmstack train lm --method M --task T --model tiny|PATH --out DIR [--max-steps N] [--resume]
+  helmstack train lm --method M --task T --model tiny|PATH --out DIR [--loss P] [--option K=V] [--resume]
                                                           GRPO-family RL on a reasoning task
 
 ROS-dependent modules are imported inside the commands, so `helmstack --help` and the
@@ -128,6 +128,23 @@ def cmd_bench_graph(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _parse_method_options(pairs: list[str]) -> dict[str, object]:
+    """KEY=VALUE strings -> options; values are read as JSON when they parse (numbers,
+    true/false) and kept as strings otherwise."""
+    import json
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--option expects KEY=VALUE with a Python identifier as KEY, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def cmd_train_lm(args: argparse.Namespace) -> int:
     # torch and transformers load in seconds; only this command pays for them.
     import json
@@ -136,8 +153,12 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
     from training.lm_rl.models import ModelLoadError
     from training.lm_rl.trainer import CheckpointError, GRPOTrainer, TrainConfig
 
+    try:
+        method_options = _parse_method_options(args.option or [])
+    except ValueError as exc:
+        return _fail_setup(str(exc))
     options = {
-        "method": args.method, "task": args.task, "model": args.model, "out_dir": args.out,
+        "method": args.method, "loss": args.loss, "method_options": method_options, "task": args.task, "model": args.model, "out_dir": args.out,
         "difficulty": args.difficulty, "max_steps": args.max_steps, "prompts_per_step": args.prompts_per_step,
         "group_size": args.group_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_p": args.top_p, "lr": args.lr, "beta": args.beta, "format_weight": args.format_weight,
@@ -212,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Train a language model with a GRPO-family method; writes tb/, metrics.jsonl, "
                                           "checkpoints/ and curves.png under --out. Unset options keep the "
                                           "defaults of training.lm_rl.trainer.TrainConfig.")
-    lm.add_argument("--method", required=True, help="loss preset: grpo | dr_grpo | dapo | gspo")
+    lm.add_argument("--method", required=True,
+                    help="grpo | dr_grpo | dapo | gspo | rloo | mgrpo | ibpo | eqlen | tgc | internalize")
+    lm.add_argument("--loss", help="loss preset the method trains with (default: the method's own)")
+    lm.add_argument("--option", action="append", metavar="KEY=VALUE",
+                    help="a method option, repeatable (e.g. --option corrections=2 for mgrpo)")
     lm.add_argument("--task", required=True, help="task family: arithmetic | countdown | logic_chain")
     lm.add_argument("--model", required=True, help="'tiny' (fresh TinyLM) or a local save_pretrained directory")
     lm.add_argument("--out", required=True, help="run directory")

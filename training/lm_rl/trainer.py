@@ -1,15 +1,18 @@
 """GRPO-family training loop for a causal LM on the verifiable reasoning tasks.
 
 What: ``GRPOTrainer`` runs on-policy group-relative policy optimisation: each step draws
-prompts from the TRAIN split (``make_split``), samples a group of completions per prompt
-(``generate``), scores them with the task verifier (``safe_reward(correctness_reward)``, plus
-an optional weighted ``format_reward``), turns rewards into per-token advantages and a loss
-mask with a named loss preset, recomputes log-probs with gradients (``sequence_logprobs``)
-and takes one AdamW step on ``policy_loss_for``.
+prompts from the TRAIN split (``make_split``), lets the method (``training.lm_rl.methods``)
+build its groups through a ``RolloutContext`` (sampling with ``generate``, scoring with the
+task verifier ``safe_reward(correctness_reward)`` plus an optional weighted
+``format_reward``), takes the method's per-token advantages A[B, T] and mask M[B, T],
+recomputes log-probs with gradients (``sequence_logprobs``) and takes one AdamW step on
+``policy_loss_for`` with the loss preset.
 
-Presets (docs/papers/lm-rl.md, ``training.lm_rl.core.registry``): ``grpo`` (DeepSeekMath),
-``dr_grpo`` (Dr. GRPO), ``dapo`` (DAPO clip-higher, dynamic sampling as dropping
-zero-variance groups, token-level loss) and ``gspo`` (GSPO sequence-level ratio).
+Loss presets (docs/papers/lm-rl.md, ``training.lm_rl.core.registry``): ``grpo``
+(DeepSeekMath), ``dr_grpo`` (Dr. GRPO), ``dapo`` (DAPO clip-higher, dynamic sampling as
+dropping zero-variance groups, token-level loss), ``gspo`` (GSPO sequence-level ratio) and
+``rloo`` (leave-one-out baseline). Each is also a method with plain groups; a paper's method
+uses its own default preset unless ``loss`` names another.
 
 Outputs under ``out_dir``: ``tb/`` (TensorBoard, namespaced keys ``charts/*``, ``losses/*``,
 ``eval/*``), ``metrics.jsonl`` (one JSON record per step, plus eval records), ``curves.png``
@@ -42,10 +45,11 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from training.lm_rl.core import get_preset, outcome_advantages_for, policy_loss_for, preset_names
+from training.lm_rl.core import get_preset, policy_loss_for, preset_names, zero_variance_samples
+from training.lm_rl.methods import GroupBatch, RolloutContext, get_method, method_names
 from training.lm_rl.models import TINY, load_policy_model
 from training.lm_rl.rewards import correctness_reward, format_reward, safe_reward
-from training.lm_rl.rollout import SamplingConfig, generate, sequence_logprobs
+from training.lm_rl.rollout import SamplingConfig, sequence_logprobs
 from training.lm_rl.sft import encode_prompt, greedy_accuracy, save_atomically, sft_warm_start
 from training.lm_rl.tasks import Problem, get_task, make_split
 
@@ -72,7 +76,11 @@ class CheckpointError(RuntimeError):
 class TrainConfig:
     """Settings of one GRPO-family run; every field is also a ``helmstack train lm`` option."""
 
-    method: str = field(default="grpo", metadata={"help": "Loss preset: grpo | dr_grpo | dapo | gspo."})
+    method: str = field(default="grpo", metadata={"help": "Method (training.lm_rl.methods): grpo, mgrpo, ibpo, ..."})
+    loss: str = field(default="", metadata={"help": "Loss preset (grpo | dr_grpo | dapo | gspo | rloo); '' = the method's default."})
+    method_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Keyword options of the method (e.g. {'corrections': 2} for mgrpo)."}
+    )
     task: str = field(default="arithmetic", metadata={"help": "Task family (arithmetic, countdown, logic_chain)."})
     difficulty: int = field(default=1, metadata={"help": "Task difficulty level (>= 1)."})
     model: str = field(default=TINY, metadata={"help": "'tiny' (fresh TinyLM) or a local save_pretrained directory."})
@@ -96,8 +104,11 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
-        if self.method not in preset_names():
-            raise ValueError(f"TrainConfig.method={self.method!r} is unknown; valid: {', '.join(preset_names())}")
+        if self.method not in method_names():
+            raise ValueError(f"TrainConfig.method={self.method!r} is unknown; valid: {', '.join(method_names())}")
+        if self.loss and self.loss not in preset_names():
+            raise ValueError(f"TrainConfig.loss={self.loss!r} is unknown; valid: {', '.join(preset_names())}")
+        get_method(self.method, **self.method_options)  # raises on an unknown or invalid option
         get_task(self.task)  # raises ValueError naming the valid tasks
         positive = ("difficulty", "max_steps", "prompts_per_step", "max_new_tokens", "save_every")
         for name in positive:
@@ -243,10 +254,11 @@ class GRPOTrainer:
         self.config = config
         self.out_dir = Path(config.out_dir)
         self.device = _resolve_device(config.device)
+        self.method = get_method(config.method, **config.method_options)
         self.loss_config = get_preset(
-            config.method,
+            config.loss or self.method.default_loss,
             # Dr. GRPO's constant normaliser is the generation budget; other presets ignore it.
-            max_completion_length=config.max_new_tokens,
+            max_completion_length=self.method.max_completion_length(config.max_new_tokens),
             beta=config.beta,
             use_reference=config.beta > 0,
         )
@@ -302,7 +314,8 @@ class GRPOTrainer:
 
     def _warn_on_changed_config(self, saved: dict[str, Any]) -> None:
         # A changed prompt stream or loss makes the resumed run differ from an uninterrupted one.
-        for name in ("method", "task", "difficulty", "prompts_per_step", "group_size", "seed", "lr", "beta"):
+        for name in ("method", "loss", "method_options", "task", "difficulty", "prompts_per_step", "group_size",
+                     "seed", "lr", "beta"):
             if saved.get(name) != getattr(self.config, name):
                 logger.warning("resuming with %s=%r, but the checkpoint was trained with %r",
                                name, getattr(self.config, name), saved.get(name))
@@ -324,6 +337,7 @@ class GRPOTrainer:
         random.setstate(state["python_rng"])
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["generator"])
+        self.method.load_state_dict(state.get("method_state", {}))
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
@@ -341,38 +355,36 @@ class GRPOTrainer:
             reward = reward + self.config.format_weight * fmt
         return reward, correct
 
-    def train_step(self) -> dict[str, float]:
-        """Sample, score and update once; returns the step's metrics (self.step advances)."""
-        cfg = self.config
-        started = time.perf_counter()
-        problems = self._batch_problems(self.step)
-        prompts = [encode_prompt(self.tokenizer, p.prompt) for p in problems]
-        rollout = generate(
-            self.model, self.tokenizer, prompts, self.sampling,
-            num_samples_per_prompt=cfg.group_size, generator=self.generator,
-        )
-        expanded = [p for p in problems for _ in range(cfg.group_size)]  # B = P * G, group-major
-        reward, correct = self._rewards(rollout.texts, expanded)  # (B,), (B,)
-        # Rewards are computed on the CPU; the rollout's tensors live where the model does.
-        adv = outcome_advantages_for(
-            self.loss_config, reward.to(rollout.group_ids.device), rollout.group_ids, rollout.completion_mask
+    def context(self, generator: torch.Generator | None = None) -> RolloutContext:
+        """The method's view of the current policy: sampler, generator (the run's by default) and verifier."""
+        return RolloutContext(
+            model=self.model, tokenizer=self.tokenizer, sampling=self.sampling,
+            generator=self.generator if generator is None else generator,
+            group_size=self.config.group_size, score=self._rewards,
+            encode_prompt=lambda text: encode_prompt(self.tokenizer, text),
         )
 
-        mask = adv.mask.to(self.device)  # (B, T)
+    def train_step(self) -> dict[str, float]:
+        """Build the method's groups, score and update once; returns the step's metrics (self.step advances)."""
+        cfg = self.config
+        started = time.perf_counter()
+        batch: GroupBatch = self.method.build_groups(self.context(), self._batch_problems(self.step))
+        advantages = self.method.advantages(batch, self.loss_config).to(self.device)  # (B, T)
+        mask = self.method.mask(batch, self.loss_config).to(self.device)  # (B, T)
         pad_id = self.tokenizer.pad_token_id
         logp = sequence_logprobs(
-            self.model, rollout.prompt_ids, rollout.completion_ids, rollout.completion_mask, pad_id=pad_id
+            self.model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=pad_id
         )  # (B, T), with grad
         ref_logp = None
         if self.reference is not None:
             with torch.no_grad():
                 ref_logp = sequence_logprobs(
-                    self.reference, rollout.prompt_ids, rollout.completion_ids, rollout.completion_mask, pad_id=pad_id
+                    self.reference, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=pad_id
                 )
-        # pi_old is the sampling-time untempered policy (Rollout.logp_raw), so the ratio is ~1
-        # on this single on-policy update and clipping reports numerical drift only.
+        # pi_old is the sampling-time untempered policy, so the ratio is ~1 on this single
+        # on-policy update and clipping reports numerical drift only.
         loss, stats = policy_loss_for(
-            self.loss_config, logp, rollout.logp_raw.to(self.device), adv.advantages.to(self.device), mask, ref_logp
+            self.loss_config, logp, batch.old_logp.to(self.device), advantages, mask, ref_logp
         )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite policy loss {loss.item()} at step {self.step}")
@@ -383,24 +395,28 @@ class GRPOTrainer:
         self.step += 1
 
         elapsed = time.perf_counter() - started
-        lengths = rollout.completion_mask.sum(dim=1).float()  # (B,)
+        lengths = (batch.completion_mask & ~batch.forced_mask).sum(dim=1).float()  # (B,) sampled tokens
+        rows_in_loss = mask.any(dim=1)  # (B,)
+        flat = zero_variance_samples(batch.rewards, batch.group_ids)  # (B,)
         return {
             "step": self.step,
-            "charts/reward": float(reward.mean()),
-            "charts/reward_std": float(reward.std()),
-            "charts/accuracy": float(correct.mean()),
+            "charts/reward": float(batch.rewards.mean()),
+            "charts/reward_std": float(batch.rewards.std()) if batch.size > 1 else 0.0,
+            "charts/accuracy": float(batch.correct.mean()),
             "charts/completion_length": float(lengths.mean()),
-            "charts/truncated_fraction": sum(r == "length" for r in rollout.finish_reason) / len(rollout.finish_reason),
-            "charts/zero_variance_groups": float(adv.num_zero_variance_groups),
-            "charts/dropped_groups": float(adv.num_dropped_groups),
-            "charts/tokens_per_s": rollout.num_generated_tokens / elapsed,
-            "charts/generation_tokens_per_s": rollout.tokens_per_s,
+            "charts/truncated_fraction": sum(r == "length" for r in batch.finish_reason) / batch.size,
+            "charts/zero_variance_groups": float(torch.unique(batch.group_ids[flat]).numel()),
+            "charts/samples": float(batch.size),
+            "charts/samples_in_loss": float(rows_in_loss.sum()),
+            "charts/generated_tokens": float(batch.num_generated_tokens),
+            "charts/tokens_per_s": batch.num_generated_tokens / elapsed,
             "charts/step_time_s": elapsed,
             "losses/policy": float(loss.detach()),
             "losses/clip_fraction": stats["clip_fraction"],
             "losses/ratio_mean": stats["ratio_mean"],
             "losses/kl": stats["kl_mean"],
             "losses/grad_norm": float(grad_norm),
+            **{f"method/{key}": float(value) for key, value in batch.metrics.items()},
         }
 
     # --- evaluation and checkpoints ----------------------------------------------------------
@@ -408,7 +424,11 @@ class GRPOTrainer:
         """Greedy accuracy on the held-out TEST problems (task verifier); {} when eval_problems is 0."""
         if not self.test_problems:
             return {}
-        return greedy_accuracy(self.model, self.tokenizer, self.test_problems, self.config.max_new_tokens)
+        metrics = greedy_accuracy(self.model, self.tokenizer, self.test_problems, self.config.max_new_tokens)
+        # Its own fixed-seed generator: evaluating must not move the training sample stream.
+        eval_generator = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
+        extra = self.method.evaluate(self.context(eval_generator), self.test_problems)
+        return {**metrics, **{f"eval/{key}": float(value) for key, value in extra.items()}}
 
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step-XXXXXXXX atomically, then prune to keep_checkpoints."""
@@ -426,6 +446,7 @@ class GRPOTrainer:
             "python_rng": random.getstate(),
             "torch_rng": torch.get_rng_state(),
             "generator": self.generator.get_state(),
+            "method_state": self.method.state_dict(),
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()

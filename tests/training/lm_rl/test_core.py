@@ -58,6 +58,17 @@ def test_grpo_advantages_unequal_groups_and_singleton() -> None:
     torch.testing.assert_close(grpo_advantages(rewards, group_ids), expected)
 
 
+def test_leave_one_out_baseline_by_hand() -> None:
+    # Group 0: rewards 1, 0, 0 -> baselines 0, 0.5, 0.5 -> A = 1, -0.5, -0.5.
+    # Group 1: rewards 2, 4 -> A = 2 - 4, 4 - 2. Group 2: a singleton -> 0.
+    rewards = t([1.0, 0.0, 0.0, 2.0, 4.0, 7.0])
+    group_ids = torch.tensor([0, 0, 0, 1, 1, 2])
+    got = grpo_advantages(rewards, group_ids, scale="none", baseline="leave_one_out")
+    torch.testing.assert_close(got, t([1.0, -0.5, -0.5, -2.0, 2.0, 0.0]))
+    with pytest.raises(ValueError, match="baseline"):
+        grpo_advantages(rewards, group_ids, baseline="median")
+
+
 def test_to_token_advantages_zero_on_padding() -> None:
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]])
     out = to_token_advantages(t([1.0, -1.0, 2.0, 3.0]), mask)
@@ -248,13 +259,15 @@ def test_gradient_flows_only_through_logp_and_valid_tokens(ratio_level: str) -> 
 
 
 def test_presets() -> None:
-    assert preset_names() == ["dapo", "dr_grpo", "grpo", "gspo"]
+    assert preset_names() == ["dapo", "dr_grpo", "grpo", "gspo", "rloo"]
     dapo = get_preset("dapo")
     assert (dapo.clip_low, dapo.clip_high, dapo.aggregation, dapo.zero_variance) == (0.2, 0.28, "token_mean", "drop")
     dr = get_preset("dr_grpo", max_completion_length=8)
     assert (dr.scale_rewards, dr.aggregation, dr.max_completion_length) == ("none", "constant", 8)
     assert get_preset("gspo").ratio_level == "sequence"
     assert get_preset("grpo") == LossConfig()
+    rloo = get_preset("rloo")
+    assert (rloo.baseline, rloo.scale_rewards) == ("leave_one_out", "none")
 
 
 def test_every_preset_runs_end_to_end() -> None:

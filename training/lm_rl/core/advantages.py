@@ -7,6 +7,10 @@ Implements
   ``GRPOTrainer`` (``advantages / (std_rewards + 1e-4)``).
 - Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", Sec. 3.2): the same
   centring without the std division (``scale="none"``).
+- RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization
+  for Learning from Human Feedback in LLMs", Sec. 3.3), ``baseline="leave_one_out"``: each
+  sample's baseline is the mean reward of the OTHER samples of its group,
+  ``A_i = r_i - (sum_g(r) - r_i) / (n_g - 1) = n_g / (n_g - 1) * (r_i - mean_g(r))``.
 - Zero-variance groups (every sample of a prompt got the same reward, including
   single-sample groups) carry no learning signal. ``"keep"`` leaves them in the batch with
   advantage 0, so their tokens still count in the loss normaliser; ``"drop"`` masks the
@@ -25,9 +29,11 @@ from typing import Literal
 import torch
 
 RewardScale = Literal["std", "none"]
+Baseline = Literal["mean", "leave_one_out"]
 ZeroVarianceMode = Literal["keep", "drop"]
 
 REWARD_SCALES: tuple[str, ...] = ("std", "none")
+BASELINES: tuple[str, ...] = ("mean", "leave_one_out")
 ZERO_VARIANCE_MODES: tuple[str, ...] = ("keep", "drop")
 
 
@@ -74,19 +80,29 @@ def grpo_advantages(
     group_ids: torch.Tensor,
     scale: RewardScale = "std",
     eps: float = 1e-4,
+    baseline: Baseline = "mean",
 ) -> torch.Tensor:
     """Group-relative outcome advantage per sample.
 
     GRPO (DeepSeekMath): (r - mean_g) / (std_g + eps). Dr. GRPO: scale="none", r - mean_g.
+    RLOO: baseline="leave_one_out", scale="none": n_g / (n_g - 1) * (r - mean_g).
     rewards: (B,) float; group_ids: (B,) int. Returns advantages: (B,). A zero-variance
-    group gets exactly 0 in both modes, never NaN.
+    group (and a singleton group) gets exactly 0 in every mode, never NaN.
     """
     if scale not in REWARD_SCALES:
         raise ValueError(f"scale must be one of {REWARD_SCALES}, got {scale!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     mean, std = group_mean_std(rewards, group_ids)
     centred = rewards - mean  # (B,)
+    if baseline == "leave_one_out":
+        _, index = torch.unique(group_ids, return_inverse=True)
+        counts = torch.zeros(int(index.max()) + 1, dtype=rewards.dtype, device=rewards.device)
+        counts = counts.index_add_(0, index, torch.ones_like(rewards))[index]  # (B,) group sizes
+        # r_i minus the mean of the other n - 1 rewards; a singleton has no others: 0.
+        centred = torch.where(counts > 1, centred * counts / (counts - 1).clamp(min=1), torch.zeros_like(centred))
     if scale == "none":
         return centred
     return centred / (std + eps)
@@ -124,6 +140,7 @@ def outcome_advantages(
     scale: RewardScale = "std",
     eps: float = 1e-4,
     zero_variance: ZeroVarianceMode = "keep",
+    baseline: Baseline = "mean",
 ) -> OutcomeAdvantages:
     """Token-level outcome advantages and loss mask with the zero-variance mode applied.
 
@@ -133,7 +150,7 @@ def outcome_advantages(
     """
     if zero_variance not in ZERO_VARIANCE_MODES:
         raise ValueError(f"zero_variance must be one of {ZERO_VARIANCE_MODES}, got {zero_variance!r}")
-    per_sample = grpo_advantages(rewards, group_ids, scale=scale, eps=eps)  # (B,)
+    per_sample = grpo_advantages(rewards, group_ids, scale=scale, eps=eps, baseline=baseline)  # (B,)
     flat = zero_variance_samples(rewards, group_ids)  # (B,)
     num_flat_groups = int(torch.unique(group_ids[flat]).numel())
     mask = completion_mask.bool()  # (B, T)

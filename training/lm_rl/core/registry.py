@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 import torch
 
 from training.lm_rl.core.advantages import (
+    BASELINES,
     REWARD_SCALES,
     ZERO_VARIANCE_MODES,
+    Baseline,
     OutcomeAdvantages,
     RewardScale,
     ZeroVarianceMode,
@@ -33,6 +35,10 @@ class LossConfig:
     scale_rewards: RewardScale = field(
         default="std",
         metadata={"help": "'std': divide centred group rewards by the group std (GRPO); 'none': do not (Dr. GRPO)."},
+    )
+    baseline: Baseline = field(
+        default="mean",
+        metadata={"help": "'mean': centre on the group mean (GRPO); 'leave_one_out': on the others' mean (RLOO)."},
     )
     advantage_eps: float = field(
         default=1e-4, metadata={"help": "Added to the group std before dividing (TRL uses 1e-4). Must be > 0."}
@@ -78,6 +84,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         choices = {
             "scale_rewards": REWARD_SCALES,
+            "baseline": BASELINES,
             "zero_variance": ZERO_VARIANCE_MODES,
             "ratio_level": RATIO_LEVELS,
             "aggregation": AGGREGATIONS,
@@ -174,6 +181,13 @@ def gspo() -> PresetFields:
     return {"ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4}
 
 
+@register_preset("rloo")
+def rloo() -> PresetFields:
+    """RLOO: Ahmadian et al. 2024, "Back to Basics", Sec. 3.3 — leave-one-out baseline, no std
+    division; the per-token clipped surrogate and per-sequence mean of the shared core."""
+    return {"baseline": "leave_one_out", "scale_rewards": "none"}
+
+
 def outcome_advantages_for(
     config: LossConfig, rewards: torch.Tensor, group_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> OutcomeAdvantages:
@@ -188,6 +202,7 @@ def outcome_advantages_for(
         scale=config.scale_rewards,
         eps=config.advantage_eps,
         zero_variance=config.zero_variance,
+        baseline=config.baseline,
     )
 
 

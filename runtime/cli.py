@@ -159,7 +159,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
         return _fail_setup(str(exc))
     options = {
         "method": args.method, "loss": args.loss, "method_options": method_options, "task": args.task, "model": args.model, "out_dir": args.out,
-        "difficulty": args.difficulty, "max_steps": args.max_steps, "prompts_per_step": args.prompts_per_step,
+        "difficulty": args.difficulty, "max_steps": args.max_steps, "max_generated_tokens": args.max_generated_tokens, "prompts_per_step": args.prompts_per_step,
         "group_size": args.group_size, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
         "top_p": args.top_p, "lr": args.lr, "beta": args.beta, "format_weight": args.format_weight,
         "save_every": args.save_every, "eval_problems": args.eval_problems, "sft_steps": args.sft_steps,
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     lm.add_argument("--difficulty", type=int, help="task difficulty (default 1)")
     lm.add_argument("--max-steps", type=int, help="total optimiser steps (default 100)")
+    lm.add_argument("--max-generated-tokens", type=int,
+                    help="stop after sampling this many tokens in total (matched compute; default 0 = no limit)")
     lm.add_argument("--prompts-per-step", type=int, help="prompts per step (default 8)")
     lm.add_argument("--group-size", type=int, help="completions per prompt (default 8)")
     lm.add_argument("--max-new-tokens", type=int, help="generation budget per completion (default 64)")

@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from runtime.stats import percentile_ci, wilson_interval
+from runtime.stats import mean_ci, percentile_ci, wilson_interval
 from runtime.task_progress import Progress, TaskProgress
 from sim.scene import TabletopScene
 from sim.tasks.suite import get_task
@@ -55,3 +55,15 @@ def test_wilson_interval():
     lo, hi = wilson_interval(50, 50)
     assert hi == pytest.approx(1.0) and 0.92 < lo < 0.93
     assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_mean_ci_student_t_by_hand() -> None:
+    # values 1, 2, 3: mean 2, sd 1, t_{0.975,2} = 4.303 -> half width 4.303 / sqrt(3) = 2.4843.
+    out = mean_ci([1.0, 2.0, 3.0])
+    assert out["mean"] == 2.0 and out["n"] == 3
+    assert abs(out["ci95"][0] - (2 - 2.48434)) < 1e-4 and abs(out["ci95"][1] - (2 + 2.48434)) < 1e-4
+    assert mean_ci([0.5])["ci95"] == [0.5, 0.5]
+    with pytest.raises(ValueError):
+        mean_ci([])
+    with pytest.raises(ValueError):
+        mean_ci([1.0, float("nan")])

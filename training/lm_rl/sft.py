@@ -8,6 +8,8 @@ here the demonstrations are the task families' own `trace`s of problems from the
 
 Sequence format, shared with the RL rollouts through `encode_prompt`:
     [bos] prompt "\n" | trace [eos]
+or, for a tokenizer with a chat template (an instruct model such as SmolLM2-Instruct), the
+prompt as one user turn rendered by that template with the assistant turn opened.
 The loss covers only the completion (trace and eos): prompt positions get label -100, the
 ignore index of every Hugging Face causal LM.
 """
@@ -35,7 +37,16 @@ IGNORE_INDEX = -100
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Token ids the policy is conditioned on: bos (when the tokenizer has one), prompt, newline."""
+    """Token ids the policy is conditioned on.
+
+    With a chat template: the prompt as a user message, generation prompt added (what an
+    instruct model was tuned on). Otherwise: bos (when the tokenizer has one), prompt, newline.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
     ids = tokenizer(prompt + PROMPT_SEPARATOR, add_special_tokens=False)["input_ids"]
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
 

@@ -86,6 +86,10 @@ class TrainConfig:
     model: str = field(default=TINY, metadata={"help": "'tiny' (fresh TinyLM) or a local save_pretrained directory."})
     out_dir: str = field(default="runs/lm_rl", metadata={"help": "Run directory: tb/, metrics.jsonl, checkpoints/, curves.png."})
     max_steps: int = field(default=100, metadata={"help": "Optimiser steps in total (a resumed run continues up to it)."})
+    max_generated_tokens: int = field(
+        default=0,
+        metadata={"help": "Stop once this many tokens were sampled in total (matched compute across methods); 0: no limit."},
+    )
     prompts_per_step: int = field(default=8, metadata={"help": "Prompts drawn from the TRAIN split per step."})
     group_size: int = field(default=8, metadata={"help": "Completions sampled per prompt (the GRPO group, >= 2)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Generation budget per completion, in tokens."})
@@ -124,7 +128,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
-        for name in ("beta", "format_weight", "eval_problems", "sft_steps"):
+        for name in ("beta", "format_weight", "eval_problems", "sft_steps", "max_generated_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 2:
@@ -257,6 +261,7 @@ class GRPOTrainer:
         self.method = get_method(config.method, **config.method_options)
         self.loss_config = get_preset(
             config.loss or self.method.default_loss,
+            **self.method.loss_overrides(),
             # Dr. GRPO's constant normaliser is the generation budget; other presets ignore it.
             max_completion_length=self.method.max_completion_length(config.max_new_tokens),
             beta=config.beta,
@@ -268,11 +273,13 @@ class GRPOTrainer:
         self.correctness = safe_reward(correctness_reward)
         self.format = safe_reward(format_reward)
         self.step = 0
+        self.generated_tokens = 0  # sampled tokens so far, the compute budget of max_generated_tokens
         loaded: _LoadedCheckpoint | None = None
         if resume:
             loaded = load_latest_checkpoint(self.out_dir)
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.step = int(loaded.trainer_state["step"])
+            self.generated_tokens = int(loaded.trainer_state.get("generated_tokens", 0))
             logger.info("resuming from %s at step %d", loaded.path, self.step)
             self._warn_on_changed_config(loaded.trainer_state["config"])
         else:
@@ -393,6 +400,7 @@ class GRPOTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=cfg.max_grad_norm)
         self.optimizer.step()
         self.step += 1
+        self.generated_tokens += batch.num_generated_tokens
 
         elapsed = time.perf_counter() - started
         lengths = (batch.completion_mask & ~batch.forced_mask).sum(dim=1).float()  # (B,) sampled tokens
@@ -409,6 +417,7 @@ class GRPOTrainer:
             "charts/samples": float(batch.size),
             "charts/samples_in_loss": float(rows_in_loss.sum()),
             "charts/generated_tokens": float(batch.num_generated_tokens),
+            "charts/generated_tokens_total": float(self.generated_tokens),
             "charts/tokens_per_s": batch.num_generated_tokens / elapsed,
             "charts/step_time_s": elapsed,
             "losses/policy": float(loss.detach()),
@@ -442,6 +451,7 @@ class GRPOTrainer:
         torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
         state: dict[str, Any] = {
             "step": self.step,
+            "generated_tokens": self.generated_tokens,
             "config": asdict(self.config),
             "python_rng": random.getstate(),
             "torch_rng": torch.get_rng_state(),
@@ -469,6 +479,10 @@ class GRPOTrainer:
         if path.exists():
             _write_json_lines(path, [r for r in read_metrics(self.out_dir) if r["step"] <= self.step])
 
+    def budget_spent(self) -> bool:
+        """Whether max_generated_tokens (when set) has been reached."""
+        return 0 < self.config.max_generated_tokens <= self.generated_tokens
+
     # --- the loop ------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Train up to max_steps; returns the last step's metrics, final eval and output paths."""
@@ -488,7 +502,7 @@ class GRPOTrainer:
         )
         try:
             with metrics_path.open("a") as metrics_file:
-                while self.step < cfg.max_steps:
+                while self.step < cfg.max_steps and not self.budget_spent():
                     last = self.train_step()
                     self._log(writer, metrics_file, last)
                     bar.update(1)
@@ -497,7 +511,7 @@ class GRPOTrainer:
                         reward=f"{last['charts/reward']:.3f}",
                         acc=f"{last['charts/accuracy']:.3f}",
                     )
-                    if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                    if self.step % cfg.save_every == 0 or self.step == cfg.max_steps or self.budget_spent():
                         eval_metrics = self._evaluate_and_log(writer, metrics_file)
                         self.save_checkpoint()
                 if not eval_metrics:
@@ -513,6 +527,7 @@ class GRPOTrainer:
             **last,
             **eval_metrics,
             "step": self.step,
+            "generated_tokens": self.generated_tokens,
             "plot": str(plot),
             "checkpoint": str(list_checkpoints(self.out_dir)[-1]),
         }

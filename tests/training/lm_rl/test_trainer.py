@@ -114,6 +114,20 @@ def test_resume_after_kill_matches_straight_run(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(out) if "charts/reward" in r] == [3, 4]
 
 
+def test_token_budget_stops_training_and_survives_resume(tmp_path: Path) -> None:
+    # Each step samples at most prompts x group x max_new_tokens = 2 x 2 x 8 = 32 tokens, so
+    # a budget of 40 needs at least two steps and stops long before max_steps.
+    config = tiny_config(tmp_path, max_steps=50, max_generated_tokens=40, save_every=1, eval_problems=0)
+    summary = with_spread(GRPOTrainer(config)).train()
+    assert summary["generated_tokens"] >= 40
+    assert 2 <= summary["step"] < 50
+    records = [r for r in read_metrics(tmp_path) if "charts/reward" in r]
+    assert records[-2]["charts/generated_tokens_total"] < 40 <= records[-1]["charts/generated_tokens_total"]
+    resumed = GRPOTrainer(config, resume=True)
+    assert (resumed.step, resumed.generated_tokens) == (summary["step"], summary["generated_tokens"])
+    assert resumed.budget_spent()
+
+
 def test_damaged_checkpoint_is_refused_and_previous_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = tiny_config(tmp_path, max_steps=2, save_every=1, eval_problems=0)
     trainer = with_spread(GRPOTrainer(config))

@@ -169,6 +169,11 @@ class Method:
     name = "grpo"
     default_loss = "grpo"
 
+    def loss_overrides(self) -> dict[str, Any]:
+        """LossConfig fields the method sets on top of the chosen preset (e.g. TGC's
+        group-constant normaliser); none by default."""
+        return {}
+
     def max_completion_length(self, max_new_tokens: int) -> int:
         """Longest completion (forced + sampled tokens) this method builds for a sampling budget;
         Dr. GRPO's constant normaliser. Methods that force prefixes override it."""

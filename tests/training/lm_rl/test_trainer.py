@@ -200,3 +200,27 @@ def test_cli_trains_one_step(tmp_path: Path) -> None:
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["step"] == 1
     assert list_checkpoints(out)
+
+
+def test_train_accuracy_counts_only_the_policys_own_samples(tmp_path: Path) -> None:
+    from training.lm_rl.methods.base import Method, concat_batches
+
+    class AddsACorrectRow(Method):
+        """Appends a copy of the first sample marked correct and non-primary (like a repaired row)."""
+
+        def build_groups(self, ctx, problems):
+            batch = super().build_groups(ctx, problems)
+            from training.lm_rl.methods.internalize import select_rows
+
+            extra = select_rows(batch, [0])
+            extra.correct = torch.ones_like(extra.correct)
+            extra.rewards = torch.ones_like(extra.rewards)
+            extra.primary = torch.zeros_like(extra.primary)
+            return concat_batches([batch, extra])
+
+    trainer = GRPOTrainer(tiny_config(tmp_path, eval_problems=0))
+    trainer.method = AddsACorrectRow()
+    metrics = trainer.train_step()
+    # The untrained model answers nothing correctly; the added correct row must not count.
+    assert metrics["charts/accuracy"] == 0.0
+    assert metrics["charts/samples"] == 5.0

@@ -7,6 +7,8 @@ themselves from their own modules, imported below.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +40,14 @@ def get_method(name: str, **options: Any) -> Method:
     """Build the method ``name`` with its options (a ValueError names the valid methods)."""
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
-    return _METHODS[name](**options)
+    factory = _METHODS[name]
+    accepted = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    unknown = sorted(set(options) - set(accepted))
+    if unknown and not takes_any:
+        valid = ", ".join(sorted(accepted)) or "none"
+        raise ValueError(f"method {name!r} has no option(s) {unknown}; its options: {valid}")
+    return factory(**options)
 
 
 def _plain(preset: str) -> MethodFactory:
@@ -54,6 +63,10 @@ def _plain(preset: str) -> MethodFactory:
 
 for _preset in preset_names():
     register_method(_preset)(_plain(_preset))
+
+# The papers' methods register themselves on import; they need register_method defined above.
+for _module in ("eqlen", "ibpo", "internalize", "mgrpo", "tgc"):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
     "GroupBatch",

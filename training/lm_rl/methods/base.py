@@ -89,6 +89,14 @@ class GroupBatch:
     finish_reason: list[str]  # B of "eos" | "stop" | "length"
     info: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # (B,) bool: samples drawn as the policy's own answers to the step's problems. Rows a
+    # method adds on top (MGRPO corrections, repaired trajectories) are False, so the
+    # trainer's reward and accuracy describe the policy, not the method's extra rows.
+    primary: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.primary is None:
+            self.primary = torch.ones(len(self.texts), dtype=torch.bool, device=self.rewards.device)
 
     @property
     def size(self) -> int:
@@ -120,7 +128,8 @@ def concat_batches(batches: list[GroupBatch]) -> GroupBatch:
 
     Group ids are kept as given: callers that merge independent batches offset them first.
     ``info`` entries that are tensors with a leading B dimension or lists of length B are
-    concatenated; metrics are merged (later batches win on equal keys).
+    concatenated (2-D tensors are per-token, (B, T), and padded with 0 / False like the
+    completions); metrics are merged (later batches win on equal keys).
     """
     if not batches:
         raise ValueError("concat_batches needs at least one batch")
@@ -133,7 +142,10 @@ def concat_batches(batches: list[GroupBatch]) -> GroupBatch:
     info: dict[str, Any] = {}
     for key in batches[0].info:
         values = [b.info[key] for b in batches]
-        if isinstance(values[0], torch.Tensor):
+        if isinstance(values[0], torch.Tensor) and values[0].dim() == 2:
+            # Per-token entries (B, T) follow the completions' padding to the common width.
+            info[key] = torch.cat([pad(v, 0) for v in values])
+        elif isinstance(values[0], torch.Tensor):
             info[key] = torch.cat(values)
         else:
             info[key] = [item for value in values for item in value]
@@ -155,6 +167,7 @@ def concat_batches(batches: list[GroupBatch]) -> GroupBatch:
         finish_reason=[r for b in batches for r in b.finish_reason],
         info=info,
         metrics=metrics,
+        primary=torch.cat([b.primary for b in batches]),
     )
 
 

@@ -151,7 +151,7 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
         config = LMBenchConfig(**{k: v for k, v in options.items() if v is not None})
     except ValueError as exc:
         return _fail_setup(str(exc))
-    summary = run_lm_bench(config, args.out)
+    summary = run_lm_bench(config, args.out, results_dir=args.results)
     print(json.dumps({m: e["test_acc"] for m, e in summary["methods"].items()}))
     return 0
 
@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Writes lm_rl.json, lm_rl.md and plots under --out; re-running with the same --out "
                     "resumes. Unset options keep training.lm_rl.bench.LMBenchConfig's defaults.")
     bench_lm.add_argument("--out", required=True, help="output directory (e.g. benchmarks/results/lm_rl)")
+    bench_lm.add_argument("--results", help="also copy lm_rl.json, lm_rl.md and the plots here (e.g. benchmarks/results)")
     bench_lm.add_argument("--methods", help="comma-separated methods (must include grpo)")
     bench_lm.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     bench_lm.add_argument("--token-budget", type=int, help="sampled tokens per run")

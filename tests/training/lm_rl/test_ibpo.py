@@ -9,13 +9,10 @@ import pytest
 import torch
 
 from training.lm_rl.core import get_preset
-from training.lm_rl.methods import GroupBatch, RolloutContext, get_method
+from training.lm_rl.methods import GroupBatch, get_method
 # Importing the module registers "ibpo" for get_method and TrainConfig.
 from training.lm_rl.methods.ibpo import IBPO, PARENT, RunningVariance, prefix_tree
 from training.lm_rl.methods.internalize import step_starts
-from training.lm_rl.models import build_tiny_model
-from training.lm_rl.rollout import SamplingConfig
-from training.lm_rl.sft import encode_prompt
 from training.lm_rl.tasks import make_split
 from training.lm_rl.tokenizer import build_tokenizer
 from training.lm_rl.trainer import GRPOTrainer, TrainConfig, read_metrics
@@ -141,31 +138,7 @@ def test_step_starts_are_line_starts() -> None:
     assert step_starts([], tokenizer) == []
 
 
-def newline_heavy_context(group_size: int, max_new_tokens: int = 12) -> RolloutContext:
-    """An untrained TinyLM biased towards newlines, so its completions have several lines."""
-    model, tokenizer = build_tiny_model(seed=0)
-    newline = tokenizer.convert_tokens_to_ids("\n")
-    old = model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    head.weight = old.weight
-    with torch.no_grad():
-        head.bias.zero_()
-        head.bias[newline] = 4.0  # p(newline) ~ 0.35 at random init
-    model.lm_head = head
-    model.eval()
-
-    def score(texts: list[str], problems: list[object]) -> tuple[torch.Tensor, torch.Tensor]:
-        reward = torch.tensor(parity_reward(texts, problems), dtype=torch.float32)
-        return reward, reward.clone()
-
-    return RolloutContext(
-        model=model, tokenizer=tokenizer, sampling=SamplingConfig(max_new_tokens=max_new_tokens),
-        generator=torch.Generator().manual_seed(0), group_size=group_size, score=score,
-        encode_prompt=lambda text: encode_prompt(tokenizer, text),
-    )
-
-
-def test_resampled_groups_form_a_tree_with_forced_shared_prefixes() -> None:
+def test_resampled_groups_form_a_tree_with_forced_shared_prefixes(newline_heavy_context) -> None:
     ctx = newline_heavy_context(group_size=4)
     problems = make_split("arithmetic", "train", 2, 1, seed=0)
     method = IBPO(resample_fraction=0.5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.lm_rl.core import get_preset
-from training.lm_rl.methods import GroupBatch, RolloutContext, get_method
+from training.lm_rl.methods import GroupBatch, get_method
 # Importing the module registers "internalize" for get_method and TrainConfig.
 from training.lm_rl.methods.internalize import (
     EXTRA,
@@ -20,9 +20,6 @@ from training.lm_rl.methods.internalize import (
     first_wrong_step,
     step_texts,
 )
-from training.lm_rl.models import build_tiny_model
-from training.lm_rl.rollout import SamplingConfig
-from training.lm_rl.sft import encode_prompt
 from training.lm_rl.tasks import make_split
 from training.lm_rl.tokenizer import build_tokenizer
 from training.lm_rl.trainer import GRPOTrainer, TrainConfig, read_metrics
@@ -151,32 +148,7 @@ def test_advantages_and_mask_by_hand() -> None:
         method.advantages(plain, grpo)
 
 
-def newline_heavy_context(group_size: int, max_new_tokens: int = 12) -> RolloutContext:
-    """An untrained TinyLM biased towards newlines (many short and empty lines, so failed
-    and successful samples share leading steps), scored by text-length parity."""
-    model, tokenizer = build_tiny_model(seed=0)
-    newline = tokenizer.convert_tokens_to_ids("\n")
-    old = model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    head.weight = old.weight
-    with torch.no_grad():
-        head.bias.zero_()
-        head.bias[newline] = 4.0
-    model.lm_head = head
-    model.eval()
-
-    def score(texts: list[str], problems: list[object]) -> tuple[torch.Tensor, torch.Tensor]:
-        reward = torch.tensor(parity_reward(texts, problems), dtype=torch.float32)
-        return reward, reward.clone()
-
-    return RolloutContext(
-        model=model, tokenizer=tokenizer, sampling=SamplingConfig(max_new_tokens=max_new_tokens),
-        generator=torch.Generator().manual_seed(0), group_size=group_size, score=score,
-        encode_prompt=lambda text: encode_prompt(tokenizer, text),
-    )
-
-
-def test_locate_and_repair_builds_corrected_extra_members() -> None:
+def test_locate_and_repair_builds_corrected_extra_members(newline_heavy_context) -> None:
     group_size = 4
     ctx = newline_heavy_context(group_size)
     problems = make_split("arithmetic", "train", 3, 1, seed=0)

@@ -416,6 +416,10 @@ class GRPOTrainer:
             "charts/completion_length": float(lengths[primary].mean()),
             "charts/truncated_fraction": sum(r == "length" for r in batch.finish_reason) / batch.size,
             "charts/zero_variance_groups": float(torch.unique(batch.group_ids[flat]).numel()),
+            # Samples a failing reward function (raised, NaN, wrong length) gave 0.0, so far.
+            "charts/reward_failed_samples": float(
+                getattr(self.correctness, "failed_samples", 0) + getattr(self.format, "failed_samples", 0)
+            ),
             "charts/samples": float(batch.size),
             "charts/samples_in_loss": float(rows_in_loss.sum()),
             "charts/generated_tokens": float(batch.num_generated_tokens),

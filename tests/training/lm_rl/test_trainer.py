@@ -224,3 +224,23 @@ def test_train_accuracy_counts_only_the_policys_own_samples(tmp_path: Path) -> N
     # The untrained model answers nothing correctly; the added correct row must not count.
     assert metrics["charts/accuracy"] == 0.0
     assert metrics["charts/samples"] == 5.0
+
+
+def test_failing_reward_gives_zero_counts_and_training_continues(tmp_path: Path) -> None:
+    from training.lm_rl.rewards import safe_reward
+
+    calls = {"n": 0}
+
+    def flaky(completions: list[str], problems: list[object], **kwargs: object) -> list[float]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("verifier crashed")
+        return [float("nan")] + [float(len(t) % 2) for t in completions[1:]]
+
+    trainer = GRPOTrainer(tiny_config(tmp_path, eval_problems=0))
+    trainer.correctness = safe_reward(flaky)
+    first = trainer.train_step()
+    assert first["charts/reward"] == 0.0 and first["charts/reward_failed_samples"] == 4.0
+    second = trainer.train_step()
+    assert second["charts/reward_failed_samples"] == 5.0  # one NaN sample more
+    assert math.isfinite(second["losses/policy"])

@@ -68,6 +68,7 @@ setup(
         "rich",
         "rosbags>=0.10",
         "pillow",
+        "faiss-cpu>=1.15.1",  # runtime.memory: the episodic memory's approximate index
     ],
     extras_require={
         "ros": ROS_WHEELS,

@@ -12,8 +12,16 @@ def _scripted_expert(control_hz: float) -> Policy:
     return ScriptedExpertPolicy(control_hz=control_hz)
 
 
+def _http_vla(control_hz: float) -> Policy:
+    # A remote policy server; its YAML config is named by $HELMSTACK_HTTP_VLA_CONFIG.
+    from policies.http_vla import policy_from_env
+
+    return policy_from_env(control_hz)
+
+
 POLICIES: dict[str, Callable[[float], Policy]] = {
     "scripted_expert": _scripted_expert,
+    "http_vla": _http_vla,
 }
 
 

@@ -547,13 +547,17 @@ class HarnessController:
         ep.observation = _guard("env.observe", self.env.observe)
         done = list(ep.subgoals[:ep.index])
         remaining = _guard("planner.replan", self.planner.replan, ep.instruction, done, ep.observation)
-        _check_subgoals(remaining, "planner.replan result", fault=True)
+        _check_subgoals(remaining, "planner.replan result", fault=True, allow_empty=True)
         replaced = ep.subgoal.name
         ep.retries += 1
         ep.replans += 1
         ep.current.retries += 1
         self._close_subgoal(ep, "replanned")
         ep.subgoals = done + list(remaining)
+        if not remaining:
+            # The planner found every remaining effect already satisfied in the observed state.
+            return self._to(ep, HarnessState.REPLAN, HarnessState.DONE,
+                            f"replanning {replaced!r}: the planner finds nothing left to do")
         ep.current = _SubgoalCounters(self.clock())
         names = [s.name for s in remaining]
         return self._to(ep, HarnessState.REPLAN, HarnessState.PROPOSE,
@@ -693,13 +697,13 @@ def _check_chunk(chunk: Any) -> None:
         raise HarnessFault("policy.propose returned a chunk with non-finite positions or times")
 
 
-def _check_subgoals(subgoals: Any, what: str, fault: bool = False) -> None:
-    """Subgoals must be a non-empty sequence of objects with a non-empty str `name`.
-    Caller errors raise ValueError; a planner's bad answer is a HarnessFault (HOLD)."""
+def _check_subgoals(subgoals: Any, what: str, fault: bool = False, allow_empty: bool = False) -> None:
+    """Subgoals must be a sequence (non-empty unless allow_empty) of objects with a non-empty
+    str `name`. Caller errors raise ValueError; a planner's bad answer is a HarnessFault (HOLD)."""
     error = HarnessFault if fault else ValueError
     if isinstance(subgoals, (str, bytes)) or not isinstance(subgoals, Sequence):
         raise error(f"{what} must be a sequence of subgoals, got {type(subgoals).__name__}")
-    if not subgoals:
+    if not subgoals and not allow_empty:
         raise error(f"{what} is empty")
     for i, subgoal in enumerate(subgoals):
         name = getattr(subgoal, "name", None)

@@ -232,6 +232,17 @@ def test_rollback_limit_leads_to_replan_of_the_remaining_subgoals():
     assert env.restored == ["snap-1"]
 
 
+def test_replan_finding_nothing_left_finishes_the_episode():
+    # The planner observes every remaining effect already satisfied (e.g. a knocked object
+    # fell into place): an empty remainder is success, not a planner fault.
+    planner = ScriptedPlanner(SUBGOALS, remaining=[])
+    config = HarnessControllerConfig(ladder=("replan",), max_replans=1)
+    controller, _, _, _, _ = make(config, verifier=ScriptedVerifier([0.1, 0.9]), planner=planner)
+    result = controller.run(TASK.instruction, SUBGOALS)
+    assert result.success and result.final_state is HarnessState.DONE, result.reason
+    assert result.transitions[-1].from_state == "replan" and result.replans == 1
+
+
 def test_exhausted_ladder_fails_with_the_reason():
     config = HarnessControllerConfig(n_resample=1, max_rollbacks=1, max_replans=1)
     planner = ScriptedPlanner(SUBGOALS, remaining=SUBGOALS[1:])

@@ -93,6 +93,10 @@ def _coerce(hint: Any, value: Any, origin: str, path: str) -> Any:
     if hint is Any:
         return value
     if origin_type in (typing.Union, types.UnionType):
+        others = [arg for arg in args if arg is not type(None)]
+        if value is not None and len(others) == 1:
+            # Optional[X] with a value: X's own error names the bad nested field.
+            return _coerce(others[0], value, origin, path)
         for arg in args:
             try:
                 return _coerce(arg, value, origin, path)

@@ -60,7 +60,7 @@ def test_dotted_overrides():
         ({"mode": "mars"}, "Outer.mode must be one of"),
         ({"inner": {"rate_hz": "fast"}}, "Outer.inner.rate_hz must be a number, got 'fast'"),
         ({"inner": {"rate_hz": -1}}, "Inner.rate_hz must be > 0, got -1"),
-        ({"limit": "none"}, "Outer.limit = 'none'"),
+        ({"limit": "none"}, "Outer.limit must be a number, got 'none'"),
         ({"name": True}, "Outer.name must be a str"),
     ],
 )
@@ -77,3 +77,17 @@ def test_bad_yaml_names_the_file(tmp_path):
         load_config(Outer, p)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+@dataclass
+class WithOptionalNested:
+    inner: Inner | None = None
+
+
+def test_optional_nested_dataclass_error_names_the_inner_field():
+    assert load_config(WithOptionalNested, {"inner": None}) == WithOptionalNested(None)
+    assert load_config(WithOptionalNested, {"inner": {"rate_hz": 5}}) == WithOptionalNested(Inner(5.0))
+    with pytest.raises(ConfigError, match=r"rate_hz must be > 0"):
+        load_config(WithOptionalNested, {"inner": {"rate_hz": -1}})
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['speed'\]"):
+        load_config(WithOptionalNested, {"inner": {"speed": 1}})

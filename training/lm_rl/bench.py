@@ -227,9 +227,14 @@ def _aggregate(config: LMBenchConfig, results: list[dict[str, Any]]) -> dict[str
                     stats = mean_ci(values)
                     entry[key.replace("/", "_")] = {"mean": stats["mean"], "ci95": stats["ci95"]}
         methods[method] = entry
-    base = methods["grpo"]["test_acc"]["mean"]
-    for entry in methods.values():
-        entry["delta_vs_grpo"] = entry["test_acc"]["mean"] - base
+    # Paired by seed: a seed fixes the start's sample stream and the TEST problems, so the
+    # per-seed difference to GRPO removes the spread that comes from the test draw.
+    grpo_by_seed = {r["seed"]: r["test_acc"] for r in results if r["method"] == "grpo"}
+    for method, entry in methods.items():
+        deltas = [r["test_acc"] - grpo_by_seed[r["seed"]] for r in results
+                  if r["method"] == method and r["seed"] in grpo_by_seed]
+        stats = mean_ci(deltas)
+        entry["delta_vs_grpo"] = {"mean": stats["mean"], "ci95": stats["ci95"], "seeds": stats["values"]}
     return methods
 
 
@@ -241,24 +246,24 @@ OWN_METRICS = {
     "ibpo": ("ibpo_grad_var_ratio",),
     "eqlen": ("response_length_drift",),
     "tgc": ("frequent_token_logp_drift", "entropy"),
-    "internalize": ("repair_rate",),
+    "internalize": ("repair_rate", "internalize_repair_rate"),
 }
 
 
 def _table(summary: dict[str, Any]) -> str:
     rows = [
-        "| method | held-out accuracy (mean, 95% CI, 3 seeds) | vs GRPO | own metrics |",
+        "| method | held-out accuracy (mean, 95% CI over seeds) | minus GRPO, paired by seed (95% CI) | own metrics |",
         "|---|---|---|---|",
     ]
     for method, entry in summary["methods"].items():
-        acc = entry["test_acc"]
+        acc, delta = entry["test_acc"], entry["delta_vs_grpo"]
         own = ", ".join(
             f"{key} {entry[key]['mean']:+.3f}" if "drift" in key else f"{key} {entry[key]['mean']:.3f}"
             for key in OWN_METRICS.get(method, ()) if key in entry
         )
         rows.append(
             f"| {method} | {acc['mean']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}] "
-            f"| {entry['delta_vs_grpo']:+.3f} | {own} |"
+            f"| {delta['mean']:+.3f} [{delta['ci95'][0]:+.3f}, {delta['ci95'][1]:+.3f}] | {own} |"
         )
     start = summary["start"]["test_acc"]
     rows.append(f"| (SFT start) | {start['mean']:.3f} [{start['ci95'][0]:.3f}, {start['ci95'][1]:.3f}] | | |")

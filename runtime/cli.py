@@ -339,7 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Commands that forward their arguments (`eval expert`, `bench memory`) collect them in
+    # `rest`; argparse's REMAINDER does not take a first argument that starts with "--".
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "rest"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = [*unknown, *args.rest]
     return args.func(args)
 
 

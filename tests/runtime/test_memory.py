@@ -287,3 +287,14 @@ def test_bench_smoke(tmp_path):
             assert row[path]["p50_ci95_ms"][0] <= row[path]["p50_ms"] <= row[path]["p50_ci95_ms"][1]
         assert row["hnsw"]["build_s"] >= 0 and 0.9 <= row["hnsw"]["recall_at_10"] <= 1.0
         assert row["memory_bytes"]["embeddings"] == n * (32 + 16 + 2) * 4 and row["memory_bytes"]["hnsw"] > 0
+
+
+def test_bench_memory_command_forwards_its_options(tmp_path):
+    import json
+
+    from runtime.cli import main
+
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--out", str(out), "--sizes", "100", "--queries", "5"]) == 0
+    result = json.loads(out.read_text())
+    assert [row["n"] for row in result["results"]] == [100]

@@ -273,9 +273,10 @@ def test_split_rows_keeps_every_row_and_batch_counts() -> None:
 
 def test_throughput_smoke() -> None:
     result = measure_throughput(repeats=1, prompts_per_step=2, group_size=2, max_new_tokens=4, num_threads=1)
-    for side in ("ours_tokens_per_s", "trl_tokens_per_s"):
+    for side in ("ours", "trl"):
         summary = result[side]
         assert len(summary["runs"]) == 1 and summary["mean"] > 0
+        assert result[f"{side}_tokens_per_s"] == summary["mean"]
         assert summary["ci95"][0] <= summary["mean"] <= summary["ci95"][1]
     assert result["ratio"] > 0 and result["config"]["torch_threads"] == 1
     assert torch.get_num_threads() == 1  # restored to the caller's setting

@@ -19,9 +19,17 @@ def _http_vla(control_hz: float) -> Policy:
     return policy_from_env(control_hz)
 
 
+def _bc(control_hz: float) -> Policy:
+    # A trained behaviour-cloning run; its directory is named by $HELMSTACK_BC_CHECKPOINT (default runs/bc).
+    from policies.bc import policy_from_env
+
+    return policy_from_env(control_hz)
+
+
 POLICIES: dict[str, Callable[[float], Policy]] = {
     "scripted_expert": _scripted_expert,
     "http_vla": _http_vla,
+    "bc": _bc,
 }
 
 

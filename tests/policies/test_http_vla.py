@@ -7,8 +7,6 @@ import base64
 import io
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -23,47 +21,9 @@ from sim.tasks.suite import get_task
 TASK = get_task("pick_place_bowl")
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    """urllib honours proxy variables; the test server is local and must be reached directly."""
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-
-
-class _PolicyHandler(BaseHTTPRequestHandler):
-    """Records each request and answers what the server is told to."""
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.server.requests.append({"path": self.path, "json": json.loads(body)})
-        if self.server.delay_s:
-            self.server.release.wait(self.server.delay_s)
-        status, payload = self.server.reply
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:  # the client gave up (timeout test)
-            pass
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _PolicyHandler)
-    srv.requests, srv.delay_s, srv.release = [], 0.0, threading.Event()
-    srv.reply = (200, b"{}")
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.release.set()
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=5)
+def server(json_server):
+    return json_server
 
 
 def _policy(srv, **kw) -> HttpVlaPolicy:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -35,13 +33,6 @@ from sim.world_state import WorldState
 NAME_DIFFERS_FROM_SPEC = {"bowl_then_stack"}
 
 SUITE = load_suite()
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    """urllib honours proxy variables; the test server is local and must be reached directly."""
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
 
 
 # -- rule planner --------------------------------------------------------------------------
@@ -141,40 +132,9 @@ def test_replan_on_facts_respects_order_and_superseded_goals():
 
 
 # -- the LLM planner -----------------------------------------------------------------------
-class _ChatHandler(BaseHTTPRequestHandler):
-    """Speaks POST /v1/chat/completions; what it answers is set on the server."""
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "json": json.loads(body)})
-        if self.server.delay_s:
-            self.server.release.wait(self.server.delay_s)
-        status, payload = self.server.reply
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:  # the client gave up (timeout test)
-            pass
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def chat_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ChatHandler)
-    server.requests, server.delay_s, server.release = [], 0.0, threading.Event()
-    server.reply = (200, b"{}")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server
-    server.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+def chat_server(json_server):
+    return json_server
 
 
 def _completion(content: str) -> bytes:

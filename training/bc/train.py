@@ -42,7 +42,6 @@ import multiprocessing as mp
 import os
 import random
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -80,10 +79,19 @@ from training.bc.model import (
     load_checkpoint,
     write_policy_files,
 )
+from training.run_files import (
+    checkpoint_path,
+    commit_checkpoint,
+    list_checkpoints,
+    log_record,
+    read_records,
+    replace_dir,
+    staging_path,
+    truncate_records,
+)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 BEST_DIR = "best"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
@@ -170,22 +178,6 @@ def lr_factor(step: int, config: BCTrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    root = out_dir / CHECKPOINT_DIR
-    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Rename `staging` onto `target`; rename(2) cannot replace a non-empty directory, so an
-    existing target is moved aside first and deleted after."""
-    previous = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, previous)
-    os.replace(staging, target)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 class BCTrainer:
     """Behaviour cloning of the scripted expert's chunks (see the module docstring)."""
 
@@ -253,11 +245,9 @@ class BCTrainer:
 
     def save_checkpoint(self, val: dict[str, float] | None = None) -> Path:
         """Write checkpoints/step-XXXXXXXX atomically, then prune to keep_checkpoints."""
-        root = self.out_dir / CHECKPOINT_DIR
-        root.mkdir(parents=True, exist_ok=True)
-        target = root / f"step-{self.step:08d}"
-        staging = root / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        target = checkpoint_path(self.out_dir, self.step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_path(target)
         staging.mkdir()
         write_policy_files(staging, self.net, self.stats, self.data.feature_config, self.data.action_config, self._training_info(val))
         torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
@@ -268,18 +258,15 @@ class BCTrainer:
             "torch_rng": torch.get_rng_state(),
         }
         torch.save(state, staging / STATE_FILE)
-        _replace_dir(staging, target)
-        for stale in list_checkpoints(self.out_dir)[: -self.config.keep_checkpoints]:
-            shutil.rmtree(stale)
+        commit_checkpoint(staging, target, self.out_dir, self.config.keep_checkpoints)
         logger.info("saved checkpoint %s", target)
         return target
 
     def _save_best(self, val: dict[str, float]) -> None:
-        staging = self.out_dir / f".{BEST_DIR}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = staging_path(self.out_dir / BEST_DIR)
         staging.mkdir(parents=True)
         write_policy_files(staging, self.net, self.stats, self.data.feature_config, self.data.action_config, self._training_info(val))
-        _replace_dir(staging, self.out_dir / BEST_DIR)
+        replace_dir(staging, self.out_dir / BEST_DIR)
 
     def _resume(self) -> None:
         refused = []
@@ -383,7 +370,7 @@ class BCTrainer:
         stop = cfg.max_steps if until_step is None else min(until_step, cfg.max_steps)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.out_dir / METRICS_FILE
-        _truncate_metrics(metrics_path, self.step)
+        truncate_records(metrics_path, self.step)
         # purge_step hides TensorBoard events a killed run wrote after its last checkpoint.
         writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"bc seed {cfg.seed}", disable=not cfg.progress, dynamic_ncols=True)
@@ -393,12 +380,12 @@ class BCTrainer:
             with metrics_path.open("a") as metrics_file:
                 while self.step < stop:
                     last = self.train_step()
-                    _log(writer, metrics_file, last)
+                    log_record(writer, metrics_file, last)
                     bar.update(1)
                     if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                         val = self.evaluate()
                         if val:
-                            _log(writer, metrics_file, val)
+                            log_record(writer, metrics_file, val)
                             if val["val/l1"] < self.best_val:
                                 self.best_val = val["val/l1"]
                                 self._save_best(val)
@@ -429,28 +416,8 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _log(writer: Any, metrics_file: Any, record: dict[str, float]) -> None:
-    step = int(record["step"])
-    for key, value in record.items():
-        if key != "step" and math.isfinite(value):
-            writer.add_scalar(key, value, step)
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
-
-
 def read_metrics(path: Path) -> list[dict[str, float]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past the resumed step (written after the checkpoint by a killed run)."""
-    if path.exists():
-        kept = [r for r in read_metrics(path) if r["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+    return read_records(path)
 
 
 def plot_curves(records: list[dict[str, float]], path: Path) -> Path | None:

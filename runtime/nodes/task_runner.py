@@ -2,8 +2,11 @@
 
 Sends the task as a goal of `harness/execute_task`, shows per-subgoal progress from the
 action feedback, records the run's topics to an MCAP rosbag2, saves front-camera frames
-at subgoal boundaries, and writes result.json. Exit codes: 0 task succeeded, 1 task failed
-(including a node dying mid-task), 2 setup error (one-line reason on stderr).
+at subgoal boundaries, and writes result.json. With the HELM harness (launch argument
+`harness:=helm`) result.json also holds the harness controller's record under "harness":
+every transition (from `harness/status`) and the episode's counters. Exit codes: 0 task
+succeeded, 1 task failed (including a node dying mid-task), 2 setup error (one-line reason
+on stderr).
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from runtime.nodes import msg_convert as mc
 logger = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 90.0
+# After the action result: how long to wait for the harness's final status (its record).
+HARNESS_RECORD_WAIT_S = 3.0
 
 
 class SetupError(RuntimeError):
@@ -66,6 +71,81 @@ def recorded_topics() -> dict[str, type]:
         topics[f"/camera/{cam}/depth"] = Image
         topics[f"/camera/{cam}/camera_info"] = CameraInfo
     return topics
+
+
+class HarnessRecorder:
+    """Collects the harness's status stream: one message per controller transition (helm
+    mode) and a final one carrying the episode's whole record (HarnessResult.as_dict()).
+    In helm mode it also counts, over reliable subscriptions (the bag records best effort),
+    what went over the graph per chunk: requests, proposals, verdicts, commands."""
+
+    def __init__(self, node: Node, mode: str) -> None:
+        from diagnostic_msgs.msg import DiagnosticStatus
+        from rclpy.qos import QoSProfile
+
+        self.transitions: list[dict] = []
+        self.wall_ms: dict[str, list[float]] = {}  # controller state -> wall time spent in it, per visit
+        self.record: dict | None = None
+        self.graph: dict = {"requests": 0, "proposals": 0, "commands": 0, "verdicts": {}}
+        deep = QoSProfile(depth=1000)
+        node.create_subscription(DiagnosticStatus, "/harness/status", self._on_status, deep)
+        if mode == "helm":
+            from std_msgs.msg import String
+            from trajectory_msgs.msg import JointTrajectory
+
+            from helmstack_interfaces.msg import VerifierVerdict
+
+            node.create_subscription(String, "/harness/subgoal", self._on_subgoal, deep)
+            node.create_subscription(JointTrajectory, "/policy/proposed_action", lambda _: self._count("proposals"), deep)
+            node.create_subscription(JointTrajectory, "/robot/command_raw", lambda _: self._count("commands"), deep)
+            node.create_subscription(VerifierVerdict, "/harness/verdict", self._on_verdict, deep)
+
+    def _count(self, key: str) -> None:
+        self.graph[key] += 1
+
+    def _on_subgoal(self, msg) -> None:
+        try:
+            if "attempt" in json.loads(msg.data):
+                self.graph["requests"] += 1
+        except (json.JSONDecodeError, TypeError):
+            pass
+
+    def _on_verdict(self, msg) -> None:
+        self.graph["verdicts"][msg.decision] = self.graph["verdicts"].get(msg.decision, 0) + 1
+
+    def _on_status(self, msg) -> None:
+        values = {kv.key: kv.value for kv in msg.values}
+        try:
+            if "transition" in values:
+                self.transitions.append(json.loads(values["transition"]))
+                if "wall_ms" in values:
+                    self.wall_ms.setdefault(values.get("from", "?"), []).append(float(values["wall_ms"]))
+            if "result" in values:
+                self.record = json.loads(values["result"])
+        except json.JSONDecodeError:
+            logger.warning("unreadable harness status: %s", msg.message)
+
+    def as_dict(self, mode: str) -> dict:
+        """The "harness" entry of result.json. The final record's transitions are complete;
+        the live stream's are used when that record did not arrive."""
+        out: dict = {"mode": mode}
+        if mode != "helm":
+            return out
+        if self.record is not None:
+            out.update(self.record)
+            out["transitions_source"] = "final status"
+        else:
+            out["transitions"] = sorted(self.transitions, key=lambda t: t.get("seq", 0))
+            out["transitions_source"] = "status stream (the final record did not arrive)"
+        out["transitions_streamed"] = len(self.transitions)
+        out["graph"] = self.graph
+        # Wall time per visit of each controller state: propose = observation + the policy's
+        # round trip, verify = the verifier, execute = the chunk running (bound by sim time).
+        out["wall_ms_per_state"] = {
+            state: {"n": len(ms), "median": round(float(np.median(ms)), 3), "p90": round(float(np.percentile(ms, 90)), 3),
+                    "total": round(float(np.sum(ms)), 3)}
+            for state, ms in sorted(self.wall_ms.items())}
+        return out
 
 
 class FrameSaver:
@@ -118,6 +198,8 @@ def run_task(request: RunRequest, console: Console | None = None) -> int:
         node = rclpy.create_node("helmstack_run")
         client = ActionClient(node, ExecuteTask, "/harness/execute_task")
         frames = FrameSaver(node, out / "frames") if request.frames else None
+        harness_mode = request.launch_arguments.get("harness", "pass_through")
+        harness = HarnessRecorder(node, harness_mode)
         result["nodes"] = _wait_for_graph(node, client, group, {n.name for n in plan.nodes if n.name}, out / "logs", console)
         if request.record:
             from runtime.nodes.bag_recorder import BagRecorder
@@ -125,6 +207,14 @@ def run_task(request: RunRequest, console: Console | None = None) -> int:
             recorder = BagRecorder(node, out / "bag", recorded_topics())
         outcome = _execute(node, client, group, request, console, frames, ExecuteTask)
         result.update(outcome)
+        if harness_mode == "helm" and "subgoals" in outcome:  # the harness answered: its record follows
+            deadline = time.monotonic() + HARNESS_RECORD_WAIT_S
+            while harness.record is None and time.monotonic() < deadline:
+                rclpy.spin_once(node, timeout_sec=0.05)
+            settle = time.monotonic() + 0.2  # messages sent just before the record, on other topics
+            while time.monotonic() < settle:
+                rclpy.spin_once(node, timeout_sec=0.05)
+        result["harness"] = harness.as_dict(harness_mode)
         if frames is not None:
             frames.save("final")
             result["frames"] = frames.saved
@@ -231,4 +321,8 @@ def _summary(console: Console, result: dict, out: Path) -> None:
     console.print(table)
     verdict = "[bold green]SUCCESS[/]" if result["success"] else f"[bold red]FAILED[/]: {result['reason']}"
     console.print(f"{verdict}  sim time {result['duration_s']:.1f} s, wall time {result['wall_time_s']:.1f} s, nodes: {', '.join(result['nodes'])}")
+    harness = result.get("harness", {})
+    if harness.get("mode") == "helm":
+        console.print(f"HELM harness: {len(harness.get('transitions', []))} transitions, "
+                      + ", ".join(f"{harness.get(k, '?')} {k}" for k in ("rejections", "resamples", "rollbacks", "replans")))
     console.print(f"results in {out}/ (result.json, bag/, frames/, logs/)")

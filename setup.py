@@ -45,6 +45,7 @@ setup(
     package_data={
         "runtime": ["*.xml"],
         "sim": ["assets/*", "tasks/suite/*.yaml"],
+        "perception": ["clip_configs/*.json"],  # open_clip model configs (perception.encoder)
     },
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
@@ -76,6 +77,8 @@ setup(
             "torch", "torchvision", "transformers>=4.56.2", "tokenizers", "safetensors", "tensorboard", "matplotlib",
             # training.lm_rl.trl_adapter / throughput; datasets and accelerate are imported or driven directly.
             "trl==1.16.0", "accelerate>=1.10.1", "datasets>=4.7.0",
+            # perception.encoder / training.encoder: the HELM image-text encoder.
+            "open-clip-torch",
         ],
         "test": ["pytest", "pytest-timeout"],
     },

@@ -230,6 +230,7 @@ def generate(
     num_samples_per_prompt: int = 1,
     prefixes: list[list[int]] | None = None,
     generator: torch.Generator | None = None,
+    pixel_values: torch.Tensor | None = None,
 ) -> Rollout:
     """Sample ``num_samples_per_prompt`` completions for each prompt.
 
@@ -242,6 +243,9 @@ def generate(
         or stop strings.
     generator: source of randomness; when None a generator seeded with ``config.seed`` on
         the model's device is used, so one config gives one rollout.
+    pixel_values: for a vision-language model, (P, C, H, W), one image per prompt, passed to
+        the prompt prefill only (the KV cache carries the image into every decoding step).
+        None (text models) leaves every call exactly as before.
 
     The model is run as is (the caller chooses train/eval mode) and without gradients.
     """
@@ -271,14 +275,18 @@ def generate(
     input_ids, attention_mask, position_ids = _left_pad(prompt_ids, pad_id, device)  # (P, L)
     cache = DynamicCache(config=model.config)
     # Only the last position's logits are needed from the prefill.
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    prefill_extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    if pixel_values is not None:
+        if pixel_values.shape[0] != len(prompt_ids):
+            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} images for {len(prompt_ids)} prompts")
+        prefill_extra["pixel_values"] = pixel_values.to(device)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=True,
         **{cache_kwarg: cache},
-        **last_only,
+        **prefill_extra,
     )
     logits = out.logits[:, -1, :]  # (P, V)
     next_position = position_ids[:, -1] + 1  # (P,)
@@ -385,6 +393,7 @@ def sequence_logprobs(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     pad_id: int = 0,
+    pixel_values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of given completions in one teacher-forced forward pass.
 
@@ -392,7 +401,8 @@ def sequence_logprobs(
     completion_mask: (B, T) bool. Returns (B, T) float32 log-probs under the untempered
     model, 0 where the mask is False. Gradients flow (this is the trainer's ``logp``); wrap
     the call in ``torch.no_grad()`` for the reference model. ``pad_id`` only fills masked
-    positions, whose value never reaches a real token.
+    positions, whose value never reaches a real token. ``pixel_values`` (B, C, H, W): one image
+    per row for a vision-language model; None for text models.
     """
     if completion_ids.shape != completion_mask.shape or completion_ids.dim() != 2:
         raise ValueError(
@@ -412,6 +422,8 @@ def sequence_logprobs(
     kwargs = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = num_completion + 1
+    if pixel_values is not None:
+        kwargs["pixel_values"] = pixel_values.to(device)
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs
     ).logits

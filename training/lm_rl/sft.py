@@ -92,6 +92,24 @@ def pad_left(
     return input_ids, attention_mask
 
 
+def _greedy_plain(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Sequence[Problem], max_new_tokens: int
+) -> list[str]:
+    """Greedy single-turn completions of the problems' prompts (``model.generate``)."""
+    input_ids, attention_mask = pad_left(
+        [encode_prompt(tokenizer, p.prompt) for p in batch], tokenizer.pad_token_id
+    )
+    generated = model.generate(
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # (B, T_prompt + T_new)
+    return tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+
+
 @torch.no_grad()
 def greedy_accuracy(
     model: PreTrainedModel,
@@ -109,20 +127,22 @@ def greedy_accuracy(
     correct: dict[str, list[bool]] = {}
     for start in range(0, len(problems), batch_size):
         batch = problems[start : start + batch_size]
-        input_ids, attention_mask = pad_left(
-            [encode_prompt(tokenizer, p.prompt) for p in batch], tokenizer.pad_token_id
-        )
-        generated = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )  # (B, T_prompt + T_new)
-        completions = tokenizer.batch_decode(
-            generated[:, input_ids.shape[1] :], skip_special_tokens=True
-        )
+        completions = [""] * len(batch)
+        for task in sorted({p.task for p in batch}):
+            rows = [i for i, p in enumerate(batch) if p.task == task]
+            family = get_task(task)
+            if getattr(family, "tool_env", None) is not None:
+                # Tool tasks are multi-turn: the environment answers each call (training.lm_rl.tool_env).
+                from training.lm_rl.tool_env import greedy_tool_completions
+
+                texts = greedy_tool_completions(
+                    model, tokenizer, [encode_prompt(tokenizer, batch[i].prompt) for i in rows],
+                    family.tool_env, max_new_tokens, family.max_turns,
+                ).texts
+            else:
+                texts = _greedy_plain(model, tokenizer, [batch[i] for i in rows], max_new_tokens)
+            for i, text in zip(rows, texts):
+                completions[i] = text
         for problem, completion in zip(batch, completions):
             correct.setdefault(problem.task, []).append(
                 get_task(problem.task).verify(problem, completion)

@@ -18,7 +18,7 @@ Outputs under ``out_dir``: ``tb/`` (TensorBoard, namespaced keys ``charts/*``, `
 ``eval/*``), ``metrics.jsonl`` (one JSON record per step, plus eval records), ``curves.png``
 and ``checkpoints/step-XXXXXXXX/``. A checkpoint is written into a hidden staging directory
 and renamed into place, so a directory with a final name was complete when written; it holds
-the model and tokenizer (``save_pretrained``, safetensors), ``optimizer.pt`` and
+the model and tokenizer (``save_pretrained``, safetensors; a VLM's image processor too), ``optimizer.pt`` and
 ``trainer_state.pt`` (step, config, RNG states of python / torch / the sampling generator),
 both loadable with ``torch.load(weights_only=True)``. Resuming picks the newest checkpoint
 that loads cleanly and refuses damaged ones with a warning naming the problem.
@@ -43,12 +43,23 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.lm_rl.core import get_preset, policy_loss_for, preset_names, zero_variance_samples
+from training.lm_rl.committed import committed_sft, ensure_format_tokens, is_committed_task
 from training.lm_rl.methods import GroupBatch, RolloutContext, get_method, method_names
-from training.lm_rl.models import TINY, load_policy_model
+from training.lm_rl.models import TINY
 from training.lm_rl.rewards import correctness_reward, format_reward, safe_reward
 from training.lm_rl.rollout import SamplingConfig, sequence_logprobs
-from training.lm_rl.sft import encode_prompt, greedy_accuracy, save_atomically, sft_warm_start
+from training.lm_rl.sft import encode_prompt, greedy_accuracy, sft_warm_start
 from training.lm_rl.tasks import Problem, get_task, make_split
+from training.lm_rl.tool_env import max_forced_tokens, tool_rollout_context
+from training.lm_rl.vlm.policy import (
+    TINY_VLM,
+    VisionPrompts,
+    check_model_for_task,
+    load_any_policy,
+    save_policy_atomically,
+    vlm_greedy_accuracy,
+    vlm_sft_warm_start,
+)
 from training.run_files import (
     CHECKPOINT_DIR,
     checkpoint_path,
@@ -86,9 +97,9 @@ class TrainConfig:
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Keyword options of the method (e.g. {'corrections': 2} for mgrpo)."}
     )
-    task: str = field(default="arithmetic", metadata={"help": "Task family (arithmetic, countdown, logic_chain)."})
+    task: str = field(default="arithmetic", metadata={"help": "Task family (arithmetic, countdown, logic_chain, math_followup, logic_followup, science_qa, tool_use)."})
     difficulty: int = field(default=1, metadata={"help": "Task difficulty level (>= 1)."})
-    model: str = field(default=TINY, metadata={"help": "'tiny' (fresh TinyLM) or a local save_pretrained directory."})
+    model: str = field(default=TINY, metadata={"help": "'tiny' (fresh TinyLM), 'tiny-vlm' (fresh TinyVLM, for the visual tasks) or a local save_pretrained directory."})
     out_dir: str = field(default="runs/lm_rl", metadata={"help": "Run directory: tb/, metrics.jsonl, checkpoints/, curves.png."})
     max_steps: int = field(default=100, metadata={"help": "Optimiser steps in total (a resumed run continues up to it)."})
     max_generated_tokens: int = field(
@@ -138,8 +149,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 2:
             raise ValueError(f"TrainConfig.keep_checkpoints must be >= 2, got {self.keep_checkpoints}")
-        if self.sft_steps > 0 and self.model != TINY:
-            raise ValueError(f"TrainConfig.sft_steps={self.sft_steps} needs model='tiny', got model={self.model!r}")
+        if self.sft_steps > 0 and self.model not in (TINY, TINY_VLM):
+            raise ValueError(
+                f"TrainConfig.sft_steps={self.sft_steps} needs model='tiny' or {TINY_VLM!r}, got model={self.model!r}"
+            )
+        check_model_for_task(self.model, self.task)  # visual tasks need a VLM, text tasks a causal LM
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"TrainConfig.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -157,6 +171,7 @@ class _LoadedCheckpoint:
     tokenizer: PreTrainedTokenizerBase
     optimizer_state: dict[str, Any]
     trainer_state: dict[str, Any]
+    vision: VisionPrompts | None = None  # a VLM's prompts and image processor; None for text
 
 
 def _load_checkpoint(path: Path) -> _LoadedCheckpoint:
@@ -174,11 +189,11 @@ def _load_checkpoint(path: Path) -> _LoadedCheckpoint:
         for key in ("step", "config", "python_rng", "torch_rng", "generator"):
             if key not in trainer_state:
                 raise KeyError(f"{STATE_FILE} lacks {key!r}")
-        model, tokenizer = load_policy_model(str(path))
+        model, tokenizer, vision = load_any_policy(str(path))
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, KeyError, ValueError) as error:
         # ModelLoadError is a ValueError; RuntimeError covers torch's "failed reading zip archive".
         raise CheckpointError(f"checkpoint {path} is damaged or incomplete: {type(error).__name__}: {error}") from error
-    return _LoadedCheckpoint(path, model, tokenizer, optimizer_state, trainer_state)
+    return _LoadedCheckpoint(path, model, tokenizer, optimizer_state, trainer_state, vision)
 
 
 def load_latest_checkpoint(out_dir: str | os.PathLike) -> _LoadedCheckpoint:
@@ -250,7 +265,9 @@ class GRPOTrainer:
             config.loss or self.method.default_loss,
             **self.method.loss_overrides(),
             # Dr. GRPO's constant normaliser is the generation budget; other presets ignore it.
-            max_completion_length=self.method.max_completion_length(config.max_new_tokens),
+            # Tool tasks add the environment's forced result tokens on top (tool_env).
+            max_completion_length=self.method.max_completion_length(config.max_new_tokens)
+            + max_forced_tokens(get_task(config.task)),
             beta=config.beta,
             use_reference=config.beta > 0,
         )
@@ -264,7 +281,7 @@ class GRPOTrainer:
         loaded: _LoadedCheckpoint | None = None
         if resume:
             loaded = load_latest_checkpoint(self.out_dir)
-            self.model, self.tokenizer = loaded.model, loaded.tokenizer
+            self.model, self.tokenizer, self.vision = loaded.model, loaded.tokenizer, loaded.vision
             self.step = int(loaded.trainer_state["step"])
             self.generated_tokens = int(loaded.trainer_state.get("generated_tokens", 0))
             logger.info("resuming from %s at step %d", loaded.path, self.step)
@@ -275,12 +292,28 @@ class GRPOTrainer:
                     f"{self.out_dir} already holds checkpoints; pass resume=True (--resume) or choose a new out_dir"
                 )
             self._seed_everything()
-            self.model, self.tokenizer = load_policy_model(config.model, seed=config.seed)
+            # vision: None for a causal LM; a VLM's prompt/image plumbing (training.lm_rl.vlm.policy).
+            self.model, self.tokenizer, self.vision = load_any_policy(config.model, seed=config.seed)
         self.model.to(self.device)
         # Dropout would make the sampled and the trained policy differ; RL keeps eval mode.
         self.model.eval()
-        if not resume and config.sft_steps > 0:
-            sft_warm_start(
+        committed = is_committed_task(config.task)
+        if committed:
+            # Committed-format tasks (docs/cerl.md) need their tags as whole tokens; a no-op for
+            # the char tokenizer and for checkpoints that already have them.
+            ensure_format_tokens(self.tokenizer, self.model)
+        if not resume and config.sft_steps > 0 and self.vision is not None:
+            # Visual tasks: image + prompt -> trace, a share with the answer-hint line (training.lm_rl.vlm.sft).
+            vlm_sft_warm_start(
+                self.model, self.vision, [config.task], config.difficulty, steps=config.sft_steps,
+                batch_size=_SFT_BATCH_SIZE, lr=_SFT_LR, seed=config.seed, progress=config.progress,
+                eval_problems=max(config.eval_problems, 1), max_new_tokens=config.max_new_tokens,
+            )
+            self.model.eval()
+        elif not resume and config.sft_steps > 0:
+            # Committed-format tasks warm-start on traces plus their follow-up turns.
+            warm_start = committed_sft if committed else sft_warm_start
+            warm_start(
                 self.model, self.tokenizer, [config.task], config.difficulty, steps=config.sft_steps,
                 batch_size=_SFT_BATCH_SIZE, lr=_SFT_LR, seed=config.seed, progress=config.progress,
                 eval_problems=max(config.eval_problems, 1), max_new_tokens=config.max_new_tokens,
@@ -320,10 +353,10 @@ class GRPOTrainer:
             return None
         path = self.out_dir / REFERENCE_DIR
         if resume:
-            reference, _ = load_policy_model(str(path))
+            reference, _, _ = load_any_policy(str(path))
         else:
             reference = copy.deepcopy(self.model)
-            save_atomically(reference, self.tokenizer, path)
+            save_policy_atomically(reference, self.tokenizer, self.vision, path)
         reference.to(self.device).eval().requires_grad_(False)
         return reference
 
@@ -350,13 +383,24 @@ class GRPOTrainer:
         return reward, correct
 
     def context(self, generator: torch.Generator | None = None) -> RolloutContext:
-        """The method's view of the current policy: sampler, generator (the run's by default) and verifier."""
-        return RolloutContext(
+        """The method's view of the current policy: sampler, generator (the run's by default) and verifier.
+
+        For a task with tools (``tool_env`` on its family, e.g. tool_use) the context samples
+        multi-turn episodes through ``training.lm_rl.tool_env``.
+        """
+        fields = dict(
             model=self.model, tokenizer=self.tokenizer, sampling=self.sampling,
             generator=self.generator if generator is None else generator,
             group_size=self.config.group_size, score=self._rewards,
             encode_prompt=lambda text: encode_prompt(self.tokenizer, text),
         )
+        family = get_task(self.config.task)
+        if getattr(family, "tool_env", None) is not None:
+            return tool_rollout_context(family.tool_env, family.max_turns, **fields)
+        if self.vision is not None:
+            # A VLM samples with each prompt's image (training.lm_rl.vlm.sampling).
+            return self.vision.context(**fields)
+        return RolloutContext(**fields)
 
     def train_step(self) -> dict[str, float]:
         """Build the method's groups, score and update once; returns the step's metrics (self.step advances)."""
@@ -366,14 +410,18 @@ class GRPOTrainer:
         advantages = self.method.advantages(batch, self.loss_config).to(self.device)  # (B, T)
         mask = self.method.mask(batch, self.loss_config).to(self.device)  # (B, T)
         pad_id = self.tokenizer.pad_token_id
+        # A VLM sees each row's image again; None for text policies.
+        pixel_values = self.vision.pixel_values(batch.prompt_ids) if self.vision is not None else None
         logp = sequence_logprobs(
-            self.model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=pad_id
+            self.model, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=pad_id,
+            pixel_values=pixel_values,
         )  # (B, T), with grad
         ref_logp = None
         if self.reference is not None:
             with torch.no_grad():
                 ref_logp = sequence_logprobs(
-                    self.reference, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=pad_id
+                    self.reference, batch.prompt_ids, batch.completion_ids, batch.completion_mask, pad_id=pad_id,
+                    pixel_values=pixel_values,
                 )
         # pi_old is the sampling-time untempered policy, so the ratio is ~1 on this single
         # on-policy update and clipping reports numerical drift only.
@@ -426,7 +474,10 @@ class GRPOTrainer:
         """Greedy accuracy on the held-out TEST problems (task verifier); {} when eval_problems is 0."""
         if not self.test_problems:
             return {}
-        metrics = greedy_accuracy(self.model, self.tokenizer, self.test_problems, self.config.max_new_tokens)
+        if self.vision is not None:
+            metrics = vlm_greedy_accuracy(self.model, self.vision, self.test_problems, self.config.max_new_tokens)
+        else:
+            metrics = greedy_accuracy(self.model, self.tokenizer, self.test_problems, self.config.max_new_tokens)
         # Its own fixed-seed generator: evaluating must not move the training sample stream.
         eval_generator = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
         extra = self.method.evaluate(self.context(eval_generator), self.test_problems)
@@ -439,6 +490,8 @@ class GRPOTrainer:
         staging = staging_path(target)
         self.model.save_pretrained(staging)  # safetensors by default
         self.tokenizer.save_pretrained(staging)
+        if self.vision is not None:
+            self.vision.save_pretrained(staging)  # the image processor, beside the weights
         torch.save(self.optimizer.state_dict(), staging / OPTIMIZER_FILE)
         state: dict[str, Any] = {
             "step": self.step,

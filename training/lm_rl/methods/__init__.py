@@ -65,7 +65,7 @@ for _preset in preset_names():
     register_method(_preset)(_plain(_preset))
 
 # The papers' methods register themselves on import; they need register_method defined above.
-for _module in ("eqlen", "ibpo", "internalize", "mgrpo", "tgc"):
+for _module in ("cerl", "difference_feedback", "eqlen", "ibpo", "internalize", "mgrpo", "tgc"):
     importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [

@@ -11,7 +11,7 @@ import logging
 import random
 from typing import Literal
 
-from training.lm_rl.tasks.arithmetic import ArithmeticTask
+from training.lm_rl.tasks.arithmetic import ArithmeticTask, MathFollowupTask
 from training.lm_rl.tasks.base import (
     ANSWER_PREFIX,
     Problem,
@@ -19,13 +19,19 @@ from training.lm_rl.tasks.base import (
     extract_final_answer,
 )
 from training.lm_rl.tasks.countdown import CountdownTask
-from training.lm_rl.tasks.logic_chain import LogicChainTask
+from training.lm_rl.tasks.logic_chain import LogicChainTask, LogicFollowupTask
+from training.lm_rl.tasks.science_qa import ScienceQATask
+from training.lm_rl.tasks.tool_use import ToolUseTask
 
 logger = logging.getLogger(__name__)
 
 TASKS: dict[str, TaskFamily] = {
     task.name: task for task in (ArithmeticTask(), CountdownTask(), LogicChainTask())
 }
+# Committed-format families with follow-up questions (training.lm_rl.committed, docs/cerl.md).
+TASKS.update(
+    {task.name: task for task in (MathFollowupTask(), LogicFollowupTask(), ScienceQATask(), ToolUseTask())}
+)
 
 Split = Literal["train", "test"]
 
@@ -37,11 +43,17 @@ _MAX_DRAWS_PER_PROBLEM = 200
 
 
 def get_task(name: str) -> TaskFamily:
-    """The task family registered under `name`."""
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; valid names: {sorted(TASKS)}") from None
+    """The task family registered under `name`: a text family of `TASKS` or a visual one
+    (rendered images, solved by a VLM) of `training.lm_rl.vlm.tasks.VISUAL_TASKS`."""
+    family = TASKS.get(name)
+    if family is None:
+        # The visual families import this package, so they are looked up lazily.
+        from training.lm_rl.vlm.tasks import VISUAL_TASKS
+
+        family = VISUAL_TASKS.get(name)
+        if family is None:
+            raise ValueError(f"unknown task {name!r}; valid names: {sorted([*TASKS, *VISUAL_TASKS])}")
+    return family
 
 
 def prompt_split(task: str, prompt: str) -> Split:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 
+from training.lm_rl.committed import FORMAT_INSTRUCTION as COMMITTED_FORMAT_INSTRUCTION
+from training.lm_rl.committed import CommittedTask
 from training.lm_rl.tasks.base import (
     ANSWER_PREFIX,
     IntegerAnswerTask,
@@ -83,3 +85,38 @@ def scratchpad_trace(problem: Problem) -> str:
     ]
     lines.append(f"{ANSWER_PREFIX} {problem.answer}")
     return "\n".join(lines)
+
+
+class MathFollowupTask(CommittedTask, IntegerAnswerTask):
+    """Arithmetic in the committed format (training.lm_rl.committed) with a follow-up question.
+
+    The problem is an `ArithmeticTask` problem (same expression generator); the thoughts are its
+    scratchpad lines, the short state commits `ans`, the long state every intermediate value
+    (`s1`, `s2`, ...) too. The follow-up asks for the value after step k < difficulty (for one
+    operation: the answer itself), which the thoughts hold and only the long state commits.
+    """
+
+    name = "math_followup"
+
+    def generate(self, rng: random.Random, difficulty: int) -> Problem:
+        base = ArithmeticTask().generate(rng, difficulty)
+        steps = base.meta["steps"]
+        values = [result for _, _, _, result in steps]
+        k = rng.randint(1, max(1, len(steps) - 1))
+        thoughts = [f"{_fmt(left)} {op} {_fmt(right)} = {result}" for left, op, right, result in steps]
+        return Problem(
+            task=self.name,
+            prompt=f"Compute {base.meta['expression']}.\n{COMMITTED_FORMAT_INSTRUCTION}",
+            answer=base.answer,
+            difficulty=difficulty,
+            meta={
+                **base.meta,
+                # The solution's steps, one per operation (the same field the chain tasks carry).
+                "chain": tuple(steps),
+                "thoughts": thoughts,
+                "state_short": [("ans", base.answer)],
+                "state_long": [(f"s{i + 1}", v) for i, v in enumerate(values[:-1])] + [("ans", base.answer)],
+                "followup": f"What was the value after step {k}?",
+                "followup_answer": str(values[k - 1]),
+            },
+        )

@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 import string
 
+from training.lm_rl.committed import FORMAT_INSTRUCTION as COMMITTED_FORMAT_INSTRUCTION
+from training.lm_rl.committed import CommittedTask
 from training.lm_rl.tasks.base import (
     ANSWER_PREFIX,
     IntegerAnswerTask,
@@ -124,3 +126,39 @@ def scratchpad_trace(problem: Problem) -> str:
         lines.append(text if binding[1] is None else f"{text} = {value}")
     lines.append(f"{ANSWER_PREFIX} {problem.answer}")
     return "\n".join(lines)
+
+
+class LogicFollowupTask(CommittedTask, IntegerAnswerTask):
+    """Long-chain logic in the committed format (training.lm_rl.committed) with a follow-up.
+
+    The problem is a `LogicChainTask` problem; the thoughts are its chain lines, the short state
+    commits the queried variable, the long state every chain variable. The follow-up asks for
+    an intermediate chain variable (not the root constant, when the chain has one in between).
+    """
+
+    name = "logic_followup"
+
+    def generate(self, rng: random.Random, difficulty: int) -> Problem:
+        base = LogicChainTask().generate(rng, difficulty)
+        chain = base.meta["chain"]
+        values: dict[str, int] = {}
+        for binding in chain:
+            values[binding[0]] = _evaluate(binding, values)
+        names = [binding[0] for binding in chain]
+        asked = rng.choice(names[1:-1] or names[:1])
+        thoughts = scratchpad_trace(base).split("\n")[:-1]
+        question = base.prompt.split("\n", 1)[0]
+        return Problem(
+            task=self.name,
+            prompt=f"{question}\n{COMMITTED_FORMAT_INSTRUCTION}",
+            answer=base.answer,
+            difficulty=difficulty,
+            meta={
+                **base.meta,
+                "thoughts": thoughts,
+                "state_short": [(names[-1], base.answer)],
+                "state_long": [(name, values[name]) for name in names],
+                "followup": f"What is {asked}?",
+                "followup_answer": str(values[asked]),
+            },
+        )

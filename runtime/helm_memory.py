@@ -92,7 +92,9 @@ class HelmMemory:
         return np.asarray(self.encoder.encode_images(np.asarray(image)[None]), dtype=np.float32)[0]
 
     # -- KeyframeStore (controller) --------------------------------------------------------
-    def write(self, kind: str, subgoal_index: int, subgoal: Any, observation: Observation, handle: Any, verified: bool) -> None:
+    def write(self, kind: str, subgoal_index: int, subgoal: Any, observation: Observation, handle: Any, verified: bool,
+              image_embedding: NDArray[np.float32] | None = None) -> None:
+        """A keyframe of `observation`; `image_embedding` when the caller already embedded its frame."""
         if not self.episode:
             raise RuntimeError("HelmMemory.write before start_episode()")
         if kind not in KEYFRAME_KINDS:
@@ -106,7 +108,7 @@ class HelmMemory:
             sim_time_s=float(observation.sim_time_s),
             kind=MEMORY_KIND[kind],
             subgoal=subgoal.name,
-            image_embedding=self.image_embedding(observation),
+            image_embedding=self.image_embedding(observation) if image_embedding is None else image_embedding,
             text_embedding=self.text_embedding(subgoal.name),
             robot=RobotState(world.joint_positions, world.ee_position, world.ee_quaternion, world.gripper_width),
             objects={name: ObjectPose(pos, quat) for name, (pos, quat) in world.object_poses.items()},

@@ -198,12 +198,12 @@ def _prefill(memory: HelmMemory, n: int) -> None:
         task = get_task(task_id)
         ws = scene.reset(task, seed)
         obs = Observation(ws.joint_positions, ws.sim_time_s, task, 0, ws, render_cameras(scene, cameras))
-        records.append((obs, task.subgoals[0]))
+        records.append((obs, task.subgoals[0], memory.image_embedding(obs)))
     scene.close()
     for i in range(n):
-        obs, subgoal = records[i % len(records)]
+        obs, subgoal, embedding = records[i % len(records)]
         memory.start_episode(f"prefill-{i // 20}")
-        memory.write("subgoal_start", 0, subgoal, obs, None, True)
+        memory.write("subgoal_start", 0, subgoal, obs, None, True, image_embedding=embedding)
 
 
 def _run(job: tuple[str, str, int, str, int]) -> dict[str, Any]:
@@ -325,10 +325,13 @@ def evaluate(config: HelmEvalConfig, command: str = "") -> dict[str, Any]:
     log = out / "episodes.jsonl"
     done = {}
     if log.exists():
-        for line in log.read_text().splitlines():
-            if line.strip():
+        for n, line in enumerate(log.read_text().splitlines(), start=1):
+            try:
                 e = json.loads(line)
-                done[(e["row"], e["protocol"], e["seed"], e["task_id"], e["initial_state"])] = e
+            except json.JSONDecodeError:  # the half-written last line of a killed run: redo it
+                logger.warning("%s:%d: unreadable record skipped", log, n)
+                continue
+            done[(e["row"], e["protocol"], e["seed"], e["task_id"], e["initial_state"])] = e
     jobs = [j for j in config.jobs() if j not in done]
     start = time.perf_counter()
     bar = tqdm(total=len(jobs), desc="helm eval", unit="ep", disable=not config.progress, dynamic_ncols=True)

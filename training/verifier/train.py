@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.verifier
     parser.add_argument("--max-steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-every", type=int, default=250, help="validation + checkpoint interval (steps)")
+    parser.add_argument("--hidden-dim", type=int, default=256)
+    parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.verifier
     try:
         config = VerifierTrainConfig(data_dir=a.data, out_dir=a.out, encoder=a.encoder, use_memory=not a.no_memory,
                                      max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                                     eval_every=a.eval_every, hidden_dim=a.hidden_dim, dropout=a.dropout,
                                      progress=not a.no_progress)
         trainer = VerifierTrainer(config, resume=a.resume)
     except (ValueError, OSError, RuntimeError) as exc:

@@ -6,10 +6,20 @@ the training data had (`training.bc.model.ObservationFeaturizer`: proprioception
 current subgoal, privileged object state from `Observation.world` and/or image embeddings
 from an `ImageEncoder`), runs the network, and returns K joint-position targets at the
 control rate. Privileged checkpoints set `requires_privileged_state`, so the policy node
-subscribes to the simulator's ground truth for them. The one piece of history it keeps is
-the previous query's robot state, for the hand and gripper velocity features: `reset()`
-forgets it, `observe(obs)` sets it without acting (when taking over mid-episode from
-another controller, as the per-subgoal evaluation does).
+subscribes to the simulator's ground truth for them.
+
+History. Every policy keeps the previous decision's robot state, for the hand and gripper
+velocity features. A checkpoint trained with a temporal window (`FeatureConfig.history` = H,
+HELM's longer-context baseline) also keeps a rolling buffer of the last H decisions' feature
+vectors, laid out as in training (`training.bc.model.window_from_frames`: oldest first,
+zero-padded with a mask before the episode's first decision). `select_action` and
+`observe(obs)` (take in an observation without acting: when taking over mid-episode from
+another controller, as the per-subgoal evaluation does with the expert's last H decisions)
+both feed it; `reset()` empties it. A decision is identified by its sim time: a second query
+at the same sim time (the harness may ask again at the same moment after rejecting a chunk)
+replaces that decision's frame instead of pushing another, and its motion features are
+measured from the decision before, so a repeated identical query gets the same chunk. Time
+going backwards (a new episode without `reset()`) empties the buffer.
 
 Checks, each with an error that names what is wrong: the checkpoint's files and their
 consistency (`CheckpointError`), the control rate the policy was trained at, an observation
@@ -21,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +50,7 @@ from training.bc.model import (
     decode_chunk,
     load_checkpoint,
     motion_features,
+    window_from_frames,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,11 +108,22 @@ class BCPolicy(Policy):
         self._feature_mean, self._feature_std = stats.feature_mean, stats.feature_std  # (F,)
         self._action_mean, self._action_std = stats.action_mean, stats.action_std  # (K, 9)
         self._times_s = np.arange(1, self.execute_steps + 1, dtype=np.float64) / self.control_hz
-        self._previous: tuple[RobotState, float] | None = None  # the last query's robot state and time
+        self.history_length = features.history  # decisions in the temporal window (0 = none)
+        self._previous: tuple[RobotState, float] | None = None  # the last decision's robot state and time
+        self._before_previous: tuple[RobotState, float] | None = None  # the decision before it
+        # (sim time, normalised features (F,)) of the last H decisions, oldest first
+        self._frames: deque[tuple[float, torch.Tensor]] = deque(maxlen=max(1, self.history_length))
 
     def reset(self) -> None:
-        """Forget the previous observation (the motion features start from rest)."""
+        """Forget the history (the motion features start from rest, the window is empty)."""
         self._previous = None
+        self._before_previous = None
+        self._frames.clear()
+
+    @property
+    def history_frames(self) -> int:
+        """How many decisions the temporal window holds now (0 without history)."""
+        return len(self._frames) if self.history_length else 0
 
     def _robot_state(self, obs: Observation, q: np.ndarray) -> RobotState:
         if obs.world is not None:
@@ -129,18 +152,39 @@ class BCPolicy(Policy):
             raise FeatureError(f"joint_positions must be {N_JOINTS} finite values, got {obs.joint_positions!r}")
         return q
 
-    def observe(self, obs: Observation) -> None:
-        """Take in an observation without acting: the history the motion features start
-        from when this policy takes over from another controller mid-episode."""
-        q = self._joint_positions(obs)
-        self._previous = (self._robot_state(obs, q), obs.sim_time_s)
+    def _motion_base(self, time_s: float) -> tuple[RobotState | None, float]:
+        """The decision the motion features are measured from: the previous one, or the one
+        before it when this query repeats the previous decision's sim time."""
+        if self._previous is not None and time_s == self._previous[1]:
+            return self._before_previous or (None, 0.0)
+        return self._previous or (None, 0.0)
 
-    def select_action(self, obs: Observation) -> ActionChunk:
+    def _remember(self, robot: RobotState, time_s: float, frame: torch.Tensor | None) -> None:
+        """Record a decision: the robot state for motion, the frame for the window (a repeat
+        of the newest decision's sim time replaces it; earlier time empties the window)."""
+        repeat = self._previous is not None and time_s == self._previous[1]
+        if not repeat:
+            self._before_previous = self._previous
+        self._previous = (robot, time_s)
+        if frame is None:
+            return
+        if self._frames and time_s < self._frames[-1][0]:
+            logger.debug("sim time went back from %.3f to %.3f s: starting a new history", self._frames[-1][0], time_s)
+            self._frames.clear()
+        if self._frames and time_s == self._frames[-1][0]:
+            self._frames[-1] = (time_s, frame)
+        else:
+            self._frames.append((time_s, frame))
+
+    def _features(self, obs: Observation) -> tuple[np.ndarray, RobotState, torch.Tensor]:
+        """(joint positions, robot state, normalised features (F,)) of one observation."""
         q = self._joint_positions(obs)
         if self.requires_privileged_state and obs.world is None:
             raise FeatureError(f"the policy {self.checkpoint.path} reads privileged object state: the observation needs .world (sim only)")
+        if not math.isfinite(obs.sim_time_s):
+            raise FeatureError(f"sim_time_s must be finite, got {obs.sim_time_s!r}")
         robot = self._robot_state(obs, q)
-        previous, previous_time_s = self._previous or (None, 0.0)
+        previous, previous_time_s = self._motion_base(obs.sim_time_s)
         features = self.featurizer.features(
             robot,
             obs.task,
@@ -149,10 +193,29 @@ class BCPolicy(Policy):
             image_embeddings=self._image_embeddings(obs) if self.cameras else None,
             motion=motion_features(previous, previous_time_s, robot, obs.sim_time_s),
         )
-        self._previous = (robot, obs.sim_time_s)
-        x = (torch.from_numpy(features) - self._feature_mean) / self._feature_std  # (F,)
+        return q, robot, (torch.from_numpy(features) - self._feature_mean) / self._feature_std
+
+    def observe(self, obs: Observation) -> None:
+        """Take in an observation without acting: the history (motion features, and the
+        temporal window of a history checkpoint) when this policy takes over from another
+        controller mid-episode. Observations must come in decision order."""
+        if not self.history_length:
+            q = self._joint_positions(obs)
+            self._remember(self._robot_state(obs, q), obs.sim_time_s, None)
+            return
+        _, robot, x = self._features(obs)
+        self._remember(robot, obs.sim_time_s, x)
+
+    def select_action(self, obs: Observation) -> ActionChunk:
+        q, robot, x = self._features(obs)  # x: (F,) normalised
+        self._remember(robot, obs.sim_time_s, x if self.history_length else None)
         with torch.inference_mode():
-            y = self.checkpoint.net(x[None])[0] * self._action_std + self._action_mean  # (K, 9) encoded chunk
+            if self.history_length:
+                window, mask = window_from_frames([f for _, f in self._frames], self.history_length, x.shape[0])
+                y = self.checkpoint.net(x[None], window, mask)[0]
+            else:
+                y = self.checkpoint.net(x[None])[0]
+            y = y * self._action_std + self._action_mean  # (K, 9) encoded chunk
         encoded = y.numpy()
         if not np.all(np.isfinite(encoded)):
             raise NonFiniteActionError(

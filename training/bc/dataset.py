@@ -9,6 +9,14 @@ demonstrations. `split_by_episode` holds out whole episodes, per task: consecuti
 decisions of one episode are nearly identical, so a per-decision split would leak them into
 validation and make the validation loss meaningless.
 
+History windows (`history_windows`): for a policy with a temporal window of H decisions
+(`FeatureConfig.history`), each decision's window is the row indices of the H decisions of
+its own episode that end with it, in order, with -1 where the episode had not started yet.
+Rows are stored episode by episode in decision order (as the shards record them), so the
+windows are index arithmetic over the rows; they never reach into another episode, and the
+frames themselves are gathered per batch (`training.bc.model.gather_windows`) instead of
+being copied H times.
+
 Image features: `embed_demo_images` runs an `ImageEncoder` over the stored camera images
 once and writes `embeddings/<name>/<shard>.npz` beside the shards; `load_demos(...,
 embeddings=name)` reads them. The encoder is trained elsewhere and plugs in through the
@@ -133,6 +141,28 @@ def load_demos(
     )
     logger.info("loaded %d decisions from %d episodes (%d shards) in %s", len(dataset), len(episodes), len(shards), data_dir)
     return dataset
+
+
+def history_windows(episode: NDArray[np.integer], history: int) -> NDArray[np.int64]:
+    """(N, H) row indices of each row's window: the H rows of its episode up to and including
+    it, oldest first, -1 before the episode's first row. `episode` (N,) must list each
+    episode's rows contiguously (in decision order), as `load_demos` does."""
+    episode = np.asarray(episode)
+    if episode.ndim != 1:
+        raise ValueError(f"episode must be a 1-D array of episode ids, got shape {episode.shape}")
+    if isinstance(history, bool) or not isinstance(history, (int, np.integer)) or history <= 0:
+        raise ValueError(f"history must be a positive int, got {history!r}")
+    n = len(episode)
+    if n == 0:
+        return np.zeros((0, int(history)), dtype=np.int64)
+    starts_here = np.ones(n, dtype=bool)
+    starts_here[1:] = episode[1:] != episode[:-1]
+    starts = np.flatnonzero(starts_here)
+    if len(np.unique(episode[starts])) != len(starts):
+        raise ValueError("the rows of an episode must be contiguous: an episode id reappears after another episode's rows")
+    first_row = starts[np.cumsum(starts_here) - 1]  # (N,) the first row of each row's episode
+    rows = np.arange(n)[:, None] + np.arange(-int(history) + 1, 1)[None, :]  # (N, H)
+    return np.where(rows >= first_row[:, None], rows, -1).astype(np.int64)
 
 
 def split_by_episode(dataset: DemoDataset, val_fraction: float, seed: int) -> tuple[NDArray[np.int64], NDArray[np.int64]]:

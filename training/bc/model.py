@@ -43,6 +43,18 @@ Network: a residual MLP over the normalised features, predicting the normalised 
 The subgoal-centric slot order gives an MLP the structure that attention over object tokens
 would otherwise have to learn, at a cost that trains on two CPU cores.
 
+History (`FeatureConfig.history` = H > 0; HELM's "base policy + longer context" baseline):
+the policy also sees a window of the last H decisions' feature vectors (F,) each, exactly
+what the featurizer produced at that decision (its own subgoal, motion and object state),
+oldest first and ending with the current decision. Frames before the episode's first
+decision are zeros with a validity mask of 0. A small temporal encoder (`TemporalEncoder`:
+a per-frame projection, two residual 1-D convolutions over time, a linear map of the whole
+window) turns the window into a vector that joins the current features before the residual
+MLP (`BCNet.input` reads the current features, `BCNet.history_input` the encoded window;
+the sum of two linear maps is one linear map of their concatenation). The current frame
+also keeps its own path, so H = 0 is today's network unchanged: no history modules, the same
+weights file, and a checkpoint without history fields in its config is read as H = 0.
+
 Checkpoint directory (written by the trainer, read by `load_checkpoint`): `config.json`
 (feature, action and model configs plus training provenance), `model.safetensors` (network
 weights) and `normalization.safetensors` (feature and action mean/std). Nothing is
@@ -88,6 +100,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 NORMALIZATION_FILE = "normalization.safetensors"
 ACTION_REPRESENTATION = "arm_offsets_absolute_fingers"
+# Model config fields that exist only for a temporal window (left out of history-free configs).
+HISTORY_MODEL_FIELDS = ("history", "history_width", "history_out_dim")
 
 REGION_KIND = "region"
 ENTITY_KINDS: tuple[str, ...] = (*ALL_KINDS, REGION_KIND)
@@ -99,6 +113,8 @@ MOTION_DIM = 4
 # decisions are at most a pause, 0.4 s, apart): the motion features are zero then.
 MAX_MOTION_GAP_S = 1.0
 RELATION_DIM = 3
+# The longest temporal window a policy may read (frames); HELM's context baseline uses 32.
+MAX_HISTORY = 256
 # Features whose spread across the training set is below this are not rescaled (one-hots
 # that never fire, padding): dividing by a vanishing std would amplify noise.
 MIN_STD = 1e-6
@@ -145,8 +161,11 @@ class FeatureConfig:
     text_embedding_dim: int = 0  # 0 = no subgoal text embedding
     predicates: tuple[str, ...] = PREDICATE_NAMES  # one-hot vocabulary
     kinds: tuple[str, ...] = ENTITY_KINDS  # entity kind vocabulary
+    history: int = 0  # decisions in the temporal window (the current one included); 0 = none
 
     def __post_init__(self) -> None:
+        if isinstance(self.history, bool) or not isinstance(self.history, int) or not 0 <= self.history <= MAX_HISTORY:
+            raise ValueError(f"history must be an int in [0, {MAX_HISTORY}], got {self.history!r}")
         if not self.use_object_state and not self.cameras:
             raise ValueError("use_object_state is False and cameras is empty: the policy would see no scene at all")
         if isinstance(self.max_entities, bool) or not isinstance(self.max_entities, int) or not 1 <= self.max_entities <= 32:
@@ -215,12 +234,17 @@ class BCModelConfig:
     hidden_dim: int = 512
     n_blocks: int = 3
     dropout: float = 0.0
+    history: int = 0  # frames of the temporal window (FeatureConfig.history); 0 = no encoder
+    history_width: int = 32  # channels of the temporal encoder
+    history_out_dim: int = 128  # size of the encoded window that joins the current features
 
     def __post_init__(self) -> None:
-        for name in ("input_dim", "chunk_steps", "action_dim", "hidden_dim"):
+        for name in ("input_dim", "chunk_steps", "action_dim", "hidden_dim", "history_width", "history_out_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.history, bool) or not isinstance(self.history, int) or not 0 <= self.history <= MAX_HISTORY:
+            raise ValueError(f"history must be an int in [0, {MAX_HISTORY}], got {self.history!r}")
         if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int) or self.n_blocks < 0:
             raise ValueError(f"n_blocks must be an int >= 0, got {self.n_blocks!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -494,8 +518,37 @@ class ResidualBlock(nn.Module):
         return x + self.dropout(self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x)))))
 
 
+class TemporalEncoder(nn.Module):
+    """A window of normalised frames (B, H, F) and its validity mask (B, H) -> (B, out_dim).
+
+    Each frame is projected, two pre-norm residual 1-D convolutions (kernel 3) mix
+    neighbouring decisions (velocities, pauses, a grasp that slipped), and one linear map
+    reads the whole window in order. Invalid frames are zeroed after every layer (a valid
+    frame's projection includes a bias, so zero marks "no decision here"), and what stands in
+    the padding cannot leak into the output.
+    """
+
+    def __init__(self, frame_dim: int, history: int, width: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.history = history
+        self.frame = nn.Linear(frame_dim, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(2))
+        self.convs = nn.ModuleList(nn.Conv1d(width, width, kernel_size=3, padding=1) for _ in range(2))
+        self.out = nn.Linear(history * width, out_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(frames.dtype).unsqueeze(-1)  # (B, H, 1)
+        h = torch.nn.functional.gelu(self.frame(frames)) * m  # (B, H, W)
+        for norm, conv in zip(self.norms, self.convs):
+            mixed = conv(norm(h).transpose(1, 2)).transpose(1, 2)  # (B, H, W)
+            h = h + self.dropout(torch.nn.functional.gelu(mixed)) * m
+        return torch.nn.functional.gelu(self.out(h.reshape(h.shape[0], -1)))  # (B, out_dim)
+
+
 class BCNet(nn.Module):
-    """Normalised features (B, F) -> normalised action chunk (B, K, 9)."""
+    """Normalised features (B, F) [+ a window of normalised frames (B, H, F) and its mask
+    (B, H) when config.history > 0] -> normalised action chunk (B, K, 9)."""
 
     def __init__(self, config: BCModelConfig) -> None:
         super().__init__()
@@ -503,10 +556,52 @@ class BCNet(nn.Module):
         self.input = nn.Linear(config.input_dim, config.hidden_dim)
         self.blocks = nn.Sequential(*(ResidualBlock(config.hidden_dim, config.dropout) for _ in range(config.n_blocks)))
         self.head = nn.Sequential(nn.LayerNorm(config.hidden_dim), nn.Linear(config.hidden_dim, config.chunk_steps * config.action_dim))
+        if config.history:
+            # Built after the history-free modules, so H = 0 draws the same initial weights
+            # from a seed as before the option existed.
+            self.temporal = TemporalEncoder(config.input_dim, config.history, config.history_width, config.history_out_dim, config.dropout)
+            self.history_input = nn.Linear(config.history_out_dim, config.hidden_dim, bias=False)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.input(features))  # (B, H)
-        return self.head(h).view(features.shape[0], self.config.chunk_steps, self.config.action_dim)
+    def forward(self, features: torch.Tensor, history: torch.Tensor | None = None, history_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.input(features)  # (B, hidden)
+        cfg = self.config
+        if cfg.history:
+            expected = (features.shape[0], cfg.history, cfg.input_dim)
+            if history is None or history_mask is None:
+                raise ValueError(f"this network reads a {cfg.history}-frame history: pass history {expected} and history_mask")
+            if tuple(history.shape) != expected or tuple(history_mask.shape) != expected[:2]:
+                raise ValueError(f"history must be {expected} with mask {expected[:2]}, got {tuple(history.shape)} and {tuple(history_mask.shape)}")
+            h = h + self.history_input(self.temporal(history, history_mask))
+        elif history is not None:
+            raise ValueError("this network has no history input (history = 0)")
+        h = self.blocks(h)
+        return self.head(h).view(features.shape[0], cfg.chunk_steps, cfg.action_dim)
+
+
+def pad_frames(frames: torch.Tensor) -> torch.Tensor:
+    """Frames (N, F) -> (N + 1, F) with a final row of zeros, what padding indices (-1) read."""
+    return torch.cat([frames, frames.new_zeros(1, frames.shape[1])])
+
+
+def gather_windows(padded_frames: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames with a final zero row (`pad_frames`, (N + 1, F)) and window row indices (B, H),
+    -1 for padding (`training.bc.dataset.history_windows`) -> the windows' frames (B, H, F),
+    zeros where padded (index -1 is the zero row), and the validity mask (B, H)."""
+    if padded_frames.shape[0] == 0 or bool(padded_frames[-1].any()):
+        raise ValueError("padded_frames must end with a row of zeros (pad_frames)")
+    return padded_frames[windows], windows >= 0
+
+
+def window_from_frames(frames: Sequence[torch.Tensor], history: int, frame_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `history` of a list of normalised frames (F,), oldest first, left-padded with
+    zeros -> (1, H, F) and mask (1, H): one window, laid out as in training."""
+    recent = list(frames)[-history:] if history else []
+    window = torch.zeros(1, history, frame_dim)
+    mask = torch.zeros(1, history, dtype=torch.bool)
+    if recent:
+        window[0, history - len(recent) :] = torch.stack(recent)
+        mask[0, history - len(recent) :] = True
+    return window, mask
 
 
 # -- checkpoint files ---------------------------------------------------------------------
@@ -539,15 +634,23 @@ def write_policy_files(
 ) -> None:
     """Write the three policy files into an existing directory (the caller renames the
     directory into place, which makes the checkpoint as a whole atomic)."""
+    if features.history != net.config.history:
+        raise ValueError(f"features.history is {features.history} but the network reads {net.config.history} frames")
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
     save_file(stats.to_dict(), str(directory / NORMALIZATION_FILE))
+    feature_fields, model_fields = asdict(features), asdict(net.config)
+    if not features.history:
+        # A history-free policy writes the config it wrote before the option existed.
+        feature_fields.pop("history")
+        for name in HISTORY_MODEL_FIELDS:
+            model_fields.pop(name)
     config = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "features": asdict(features),
+        "features": feature_fields,
         "action": asdict(action),
-        "model": asdict(net.config),
+        "model": model_fields,
         "training": training or {},
     }
     _write_json_atomic(directory / CONFIG_FILE, config)
@@ -599,6 +702,8 @@ def load_checkpoint(path: str | Path) -> PolicyCheckpoint:
         raise CheckpointError(str(exc)) from exc
     if model.input_dim != features.dim:
         raise CheckpointError(f"{config_path}: model.input_dim is {model.input_dim} but the feature config gives {features.dim} features")
+    if model.history != features.history:
+        raise CheckpointError(f"{config_path}: model.history is {model.history} but features.history is {features.history}")
     if model.chunk_steps != action.chunk_steps or model.action_dim != N_JOINTS:
         raise CheckpointError(
             f"{config_path}: model predicts ({model.chunk_steps}, {model.action_dim}) but the action config needs ({action.chunk_steps}, {N_JOINTS})"
@@ -630,5 +735,5 @@ def load_checkpoint(path: str | Path) -> PolicyCheckpoint:
         raise CheckpointError(f"{norm_path}: standard deviations must be > 0")
     stats = NormalizationStats(**{k: tensors[k].float() for k in expected})
     training = raw.get("training") if isinstance(raw.get("training"), dict) else {}
-    logger.info("loaded BC policy %s (%d features, chunk %d)", directory, features.dim, action.chunk_steps)
+    logger.info("loaded BC policy %s (%d features, history %d, chunk %d)", directory, features.dim, features.history, action.chunk_steps)
     return PolicyCheckpoint(directory, features, action, model, net, stats, training)

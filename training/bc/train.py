@@ -11,7 +11,9 @@ different recoveries into one that is neither), AdamW, linear warm-up then cosin
 gradient clipping. Batches are drawn with replacement from a seeded generator whose state is
 checkpointed, so a resumed run continues the very same sample stream. Different `seed`s give
 independently initialised members of an ensemble (HELM's ensemble baseline): train each into
-its own `--out`.
+its own `--out`. `--history H` trains the longer-context variant (HELM's "base policy +
+longer context" baseline): each sample is also the window of its episode's last H decisions
+(`training.bc.dataset.history_windows`), gathered per batch from the normalised features.
 
 Outputs under `out_dir`: `tb/` (TensorBoard: `losses/*`, `charts/*`, `val/*`),
 `metrics.jsonl`, `curves.png`, `checkpoints/step-XXXXXXXX/` (the policy files of
@@ -26,7 +28,8 @@ held-out initial states. For each task and held-out seed the scripted expert run
 at the start of every subgoal (the state the expert reaches there) the scene is saved, the
 policy gets control for that one subgoal with a step limit, and the scene is restored for
 the expert to go on. A policy with history (`observe`, e.g. BCPolicy's motion features) is
-first shown the expert's last observation, as a demonstration would have shown it. So each
+first shown the expert's last observations (as many as its `history_length`, else the last
+one), as a demonstration would have shown them. So each
 subgoal is tested from a realistic state, independently of the policy's earlier mistakes; the full long-horizon success of the policy alone is measured
 too, from the same seeds. Runs in a pool of worker processes like `sim.expert_eval`, and
 writes JSON with Wilson intervals and a markdown table.
@@ -44,8 +47,9 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +71,7 @@ from sim.tasks.predicates import evaluate, parse_predicate
 from sim.tasks.spec import TaskSpec
 from sim.tasks.suite import SPLITS, get_task, initial_state_seeds, load_suite
 from sim.world_state import WorldState
-from training.bc.dataset import DemoDataset, load_demos, split_by_episode
+from training.bc.dataset import DemoDataset, history_windows, load_demos, split_by_episode
 from training.bc.demos import load_manifest, make_cameras, render_cameras
 from training.bc.model import (
     BCModelConfig,
@@ -76,7 +80,9 @@ from training.bc.model import (
     FeatureConfig,
     NormalizationStats,
     TextEncoder,
+    gather_windows,
     load_checkpoint,
+    pad_frames,
     write_policy_files,
 )
 from training.run_files import (
@@ -114,6 +120,9 @@ class BCTrainConfig:
     cameras: tuple[str, ...] = ()  # image embeddings of these cameras as features
     image_embeddings: str = ""  # embedding set under data_dir/embeddings/ (with cameras)
     image_embedding_dim: int = 0
+    history: int = 0  # temporal window of the last H decisions (0 = the current one only)
+    history_width: int = 32  # temporal encoder channels (with history)
+    history_out_dim: int = 128  # encoded window size (with history)
     hidden_dim: int = 512
     n_blocks: int = 3
     dropout: float = 0.0
@@ -135,7 +144,7 @@ class BCTrainConfig:
     def __post_init__(self) -> None:
         if not self.data_dir or not self.out_dir:
             raise ValueError(f"data_dir and out_dir must be paths, got {self.data_dir!r} and {self.out_dir!r}")
-        for name in ("batch_size", "max_steps", "eval_every", "save_every", "keep_checkpoints", "num_threads"):
+        for name in ("batch_size", "max_steps", "eval_every", "save_every", "keep_checkpoints", "num_threads", "history_width", "history_out_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -162,6 +171,7 @@ class BCTrainConfig:
             max_entities=self.max_entities,
             cameras=self.cameras,
             image_embedding_dim=self.image_embedding_dim,
+            history=self.history,
         )
 
 
@@ -206,7 +216,10 @@ class BCTrainer:
         self.model_config = BCModelConfig(
             input_dim=self.data.feature_config.dim, chunk_steps=self.data.action_config.chunk_steps,
             hidden_dim=config.hidden_dim, n_blocks=config.n_blocks, dropout=config.dropout,
+            history=config.history, history_width=config.history_width, history_out_dim=config.history_out_dim,
         )
+        # (N, H) rows of each decision's window within its episode; None without history.
+        self.windows = torch.from_numpy(history_windows(self.data.episode, config.history)) if config.history else None
         self.net = BCNet(self.model_config)
         decay = [p for p in self.net.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.net.parameters() if p.ndim < 2]  # biases and norms are not shrunk
@@ -232,6 +245,14 @@ class BCTrainer:
         self.y = (torch.from_numpy(self.data.actions) - s.action_mean) / s.action_std  # (N, K, 9)
         self.train_index = torch.from_numpy(self.train_rows)
         self.val_index = torch.from_numpy(self.val_rows)
+        self.x_padded = pad_frames(self.x) if self.windows is not None else None  # (N + 1, F)
+
+    def predict(self, rows: torch.Tensor) -> torch.Tensor:
+        """The network's normalised chunks (B, K, 9) for dataset rows (B,), with their windows."""
+        if self.windows is None:
+            return self.net(self.x[rows])
+        frames, mask = gather_windows(self.x_padded, self.windows[rows])
+        return self.net(self.x[rows], frames, mask)
 
     # --- checkpoints ---------------------------------------------------------------------
     def _training_info(self, val: dict[str, float] | None) -> dict[str, Any]:
@@ -281,6 +302,9 @@ class BCTrainer:
                 continue
             saved = checkpoint.training.get("train_config", {})
             current = asdict(self.config)
+            # A field the run did not save did not exist yet: it ran with the field's default.
+            defaults = {f.name: f.default for f in fields(BCTrainConfig) if f.default is not MISSING}
+            saved = {**{k: _jsonable(v) for k, v in defaults.items() if k not in saved}, **saved}
             changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and _jsonable(current[k]) != saved.get(k))
             if changed:
                 raise ValueError(
@@ -319,7 +343,7 @@ class BCTrainer:
         pick = torch.randint(len(self.train_index), (cfg.batch_size,), generator=self.generator)
         rows = self.train_index[pick]
         start = time.perf_counter()
-        pred = self.net(self.x[rows])  # (B, K, 9)
+        pred = self.predict(rows)  # (B, K, 9)
         loss = torch.nn.functional.l1_loss(pred, self.y[rows])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -342,7 +366,7 @@ class BCTrainer:
         if len(self.val_index) == 0:
             return {}
         self.net.eval()
-        preds = torch.cat([self.net(self.x[self.val_index[i : i + 4096]]) for i in range(0, len(self.val_index), 4096)])  # (V, K, 9)
+        preds = torch.cat([self.predict(self.val_index[i : i + 4096]) for i in range(0, len(self.val_index), 4096)])  # (V, K, 9)
         target = self.y[self.val_index]
         l1 = (preds - target).abs()  # (V, K, 9) normalised
         physical = l1 * self.stats.action_std  # (V, K, 9) rad / m
@@ -496,8 +520,10 @@ class PolicyActor:
         self.policy = policy
         self.scene = scene
         self.cameras = cameras
-        # Policies with history take in observations without acting (BCPolicy.observe).
+        # Policies with history take in observations without acting (BCPolicy.observe), as
+        # many as their history_length (decisions they read, at least the last one).
         self.observe: Callable[[Observation], None] | None = getattr(policy, "observe", None)
+        self.history_length = max(1, int(getattr(policy, "history_length", 1) or 1)) if self.observe is not None else 0
 
     def reset(self) -> None:
         self.policy.reset()
@@ -515,30 +541,39 @@ class PolicyActor:
     def act(self, world_state: WorldState, joint_positions: ArrayLike, task: TaskSpec, subgoal_index: int) -> NDArray[np.float64]:
         return self.policy.select_action(self.observation(world_state, joint_positions, task, subgoal_index)).positions
 
-    def take_over(self, last_observation: Observation | None) -> None:
-        """Reset, then show a policy with history the last observation before it takes over
-        (the history it would have had in a demonstration, where decisions run on)."""
+    def take_over(self, recent: Observation | Sequence[Observation] | None) -> None:
+        """Reset, then show a policy with history the observations before it takes over, oldest
+        first (the history it would have had in a demonstration, where decisions run on): the
+        last `history_length` of `recent` (one Observation counts as a list of one)."""
         self.policy.reset()
-        if self.observe is not None and last_observation is not None:
-            self.observe(last_observation)
+        if self.observe is None or recent is None:
+            return
+        observations = [recent] if isinstance(recent, Observation) else list(recent)
+        for obs in observations[-self.history_length :]:
+            self.observe(obs)
 
 
 class WitnessedExpert:
-    """The scripted expert in the episode loop, keeping the observation of its latest
-    decision (as the policy under test would have seen it) for `PolicyActor.take_over`."""
+    """The scripted expert in the episode loop, keeping the observations of its latest
+    decisions (as the policy under test would have seen them; as many as the policy's
+    `history_length`) for `PolicyActor.take_over`."""
 
     def __init__(self, expert: ScriptedExpert, actor: PolicyActor) -> None:
         self.expert = expert
         self.actor = actor
-        self.last_observation: Observation | None = None
+        self.recent_observations: deque[Observation] = deque(maxlen=max(1, actor.history_length))
+
+    @property
+    def last_observation(self) -> Observation | None:
+        return self.recent_observations[-1] if self.recent_observations else None
 
     def reset(self) -> None:
         self.expert.reset()
-        self.last_observation = None
+        self.recent_observations.clear()
 
     def act(self, world_state: WorldState, joint_positions: ArrayLike, task: TaskSpec, subgoal_index: int) -> NDArray[np.float64]:
         if self.actor.observe is not None:  # only policies with history need it (images cost a render)
-            self.last_observation = self.actor.observation(world_state, joint_positions, task, subgoal_index)
+            self.recent_observations.append(self.actor.observation(world_state, joint_positions, task, subgoal_index))
         return self.expert.act(world_state, joint_positions, task, subgoal_index)
 
 
@@ -597,7 +632,7 @@ def evaluate_episode(
             if evaluate(parse_predicate(task.subgoals[k].predicate), scene.world_state(), task.geometry):
                 results[k].update(status="already_satisfied")
                 return
-            actor.take_over(witness.last_observation)
+            actor.take_over(list(witness.recent_observations))
             attempt = attempt_subgoal(scene, task, k, actor, limit)
             results[k].update(status="success" if attempt["success"] else "failure", steps=attempt["steps"], reason=attempt["reason"])
         finally:
@@ -805,12 +840,13 @@ def train_main(argv: list[str] | None = None, prog: str = "python -m training.bc
     parser.add_argument("--save-every", type=int)
     parser.add_argument("--num-threads", type=int)
     parser.add_argument("--no-motion", action="store_true", help="leave out the hand/gripper velocity features (ablation)")
+    parser.add_argument("--history", type=int, help="temporal window of the last H decisions (HELM's longer-context baseline: 32; default 0)")
     parser.add_argument("--no-progress", action="store_true")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {"data_dir": args.data, "out_dir": args.out}
-    for name in ("seed", "max_steps", "batch_size", "lr", "hidden_dim", "n_blocks", "dropout", "eval_every", "save_every", "num_threads"):
+    for name in ("seed", "max_steps", "batch_size", "lr", "hidden_dim", "n_blocks", "dropout", "eval_every", "save_every", "num_threads", "history"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     if args.tasks:

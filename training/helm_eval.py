@@ -89,6 +89,9 @@ class HelmEvalConfig:
     max_retries_subgoal: int = 6
     max_retries_episode: int = 12
     overhead_keyframes: int = 10_000
+    # The verifier comparison (helmstack eval verifier) whose AUROC/F1/precision go into
+    # helm.json's "verifier" section; "" or a missing file leaves the section out.
+    verifier_results: str = "benchmarks/results/verifier.json"
     image_size: int = 64
     workers: int = 2
     progress: bool = True
@@ -276,6 +279,12 @@ def summarize(config: HelmEvalConfig, episodes: list[dict[str, Any]], command: s
         "decisions": len(times), "keyframes": int(np.median(keyframes)) if keyframes else 0,
         "what": "state-verifier call incl. memory retrieval and query image embedding, 1 thread; excludes policy and rendering",
     }
+    path = Path(config.verifier_results) if config.verifier_results else None
+    if path is not None and path.is_file():
+        comparison = json.loads(path.read_text())
+        out["verifier"] = {name: {k: comparison[name][k] for k in ("auroc", "auroc_ci95", "f1", "precision", "recall", "threshold")}
+                           for name in ("rule", "ensemble", "sv_nomem", "sv") if name in comparison}
+        out["verifier"]["source"] = {"file": str(path), "command": comparison.get("command", ""), "data": comparison.get("data", {})}
     out.update(config=asdict(config), command=command, wall_s=wall_s)
     return out
 
@@ -289,6 +298,12 @@ def markdown(summary: dict[str, Any]) -> str:
             r = summary.get(protocol, {}).get(row)
             cells.append(f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['episodes']})" if r and r["episodes"] else "not run")
         lines.append(f"| {row} | {cells[0]} | {cells[1]} |")
+    if summary.get("verifier"):
+        lines += ["", "| verifier | AUROC [95% CI] | F1 | precision |", "|---|---|---|---|"]
+        for name in ("rule", "ensemble", "sv_nomem", "sv"):
+            v = summary["verifier"].get(name)
+            if v:
+                lines.append(f"| {name} | {v['auroc']:.3f} [{v['auroc_ci95'][0]:.3f}, {v['auroc_ci95'][1]:.3f}] | {v['f1']:.3f} | {v['precision']:.3f} |")
     o = summary["overhead_ms"]
     if o["p50"] is not None:
         lines.append("")
@@ -373,6 +388,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.helm_eva
     parser.add_argument("--episodes", type=int, default=100, help="per row, protocol and seed")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--overhead-keyframes", type=int, default=10_000)
+    parser.add_argument("--verifier-results", default="benchmarks/results/verifier.json",
+                        help="helmstack eval verifier output to include (AUROC/F1 table)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
     a = parser.parse_args(argv)
@@ -383,7 +400,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.helm_eva
             verifier_nomem=a.verifier_nomem, encoder=a.encoder, rows=tuple(r for r in a.rows.split(",") if r),
             protocols=tuple(p for p in a.protocols.split(",") if p), tasks=tuple(t for t in a.tasks.split(",") if t),
             episodes=a.episodes, seeds=tuple(int(s) for s in a.seeds.split(",") if s),
-            overhead_keyframes=a.overhead_keyframes, workers=a.workers, progress=not a.no_progress)
+            overhead_keyframes=a.overhead_keyframes, verifier_results=a.verifier_results, workers=a.workers,
+            progress=not a.no_progress)
         for task_id in config.task_ids():
             get_task(task_id)
     except ValueError as exc:

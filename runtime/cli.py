@@ -139,76 +139,20 @@ def cmd_build_interfaces(args: argparse.Namespace) -> int:
     return build_main((["--force"] if args.force else []) + ["--jobs", str(args.jobs)])
 
 
-def cmd_eval_expert(args: argparse.Namespace) -> int:
-    from sim.expert_eval import main as eval_main
+def _forwarding(subparsers, name: str, target: str, prog: str | None = None, **kwargs) -> None:
+    """A subcommand that hands everything after its name to `module:function(argv[, prog=])`
+    (the module's own argparse gives its --help and errors); imported only when run."""
+    parser = subparsers.add_parser(name, **kwargs)
+    parser.add_argument("rest", nargs=argparse.REMAINDER)
 
-    return eval_main(args.rest)
+    def run(args: argparse.Namespace) -> int:
+        import importlib
 
+        module, function = target.split(":")
+        main = getattr(importlib.import_module(module), function)
+        return main(args.rest) if prog is None else main(args.rest, prog=prog)
 
-def cmd_demos(args: argparse.Namespace) -> int:
-    from training.bc.demos import main as demos_main
-
-    return demos_main(args.rest, prog="helmstack demos")
-
-
-def cmd_train_bc(args: argparse.Namespace) -> int:
-    from training.bc.train import train_main
-
-    return train_main(args.rest, prog="helmstack train bc")
-
-
-def cmd_eval_bc(args: argparse.Namespace) -> int:
-    from training.bc.train import eval_main
-
-    return eval_main(args.rest, prog="helmstack eval bc")
-
-
-def cmd_train_encoder(args: argparse.Namespace) -> int:
-    from training.encoder.train import train_main
-
-    return train_main(args.rest, prog="helmstack train encoder")
-
-
-def cmd_eval_encoder(args: argparse.Namespace) -> int:
-    from training.encoder.evaluate import eval_main
-
-    return eval_main(args.rest, prog="helmstack eval encoder")
-
-
-def cmd_eval_erasure(args: argparse.Namespace) -> int:
-    from training.lm_rl.erasure import main as erasure_main
-
-    return erasure_main(args.rest, prog="helmstack eval erasure")
-
-
-def cmd_verifier_data(args: argparse.Namespace) -> int:
-    from training.verifier.rollouts import main as data_main
-
-    return data_main(args.rest, prog="helmstack verifier-data")
-
-
-def cmd_train_verifier(args: argparse.Namespace) -> int:
-    from training.verifier.train import main as train_main
-
-    return train_main(args.rest, prog="helmstack train verifier")
-
-
-def cmd_eval_verifier(args: argparse.Namespace) -> int:
-    from training.verifier.evaluate import main as eval_main
-
-    return eval_main(args.rest, prog="helmstack eval verifier")
-
-
-def cmd_eval_helm(args: argparse.Namespace) -> int:
-    from training.helm_eval import main as helm_main
-
-    return helm_main(args.rest, prog="helmstack eval helm")
-
-
-def cmd_bench_memory(args: argparse.Namespace) -> int:
-    from runtime.memory.bench import main as memory_main
-
-    return memory_main(args.rest)
+    parser.set_defaults(func=run)
 
 
 def cmd_bench_graph(args: argparse.Namespace) -> int:
@@ -416,15 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="list the task suite")
     tasks.set_defaults(func=cmd_tasks)
 
-    demos = sub.add_parser("demos", help="noisy scripted-expert demonstrations for behaviour cloning "
-                                         "(see: helmstack demos --help)", add_help=False)
-    demos.add_argument("rest", nargs=argparse.REMAINDER)
-    demos.set_defaults(func=cmd_demos)
+    _forwarding(sub, "demos", "training.bc.demos:main", prog="helmstack demos",
+                help="noisy scripted-expert demonstrations for behaviour cloning (see: helmstack demos --help)", add_help=False)
 
-    sv_data = sub.add_parser("verifier-data", help="labelled base-policy rollouts for the HELM state verifier "
-                                                    "(see: helmstack verifier-data --help)", add_help=False)
-    sv_data.add_argument("rest", nargs=argparse.REMAINDER)
-    sv_data.set_defaults(func=cmd_verifier_data)
+    _forwarding(sub, "verifier-data", "training.verifier.rollouts:main", prog="helmstack verifier-data",
+                help="labelled base-policy rollouts for the HELM state verifier (see: helmstack verifier-data --help)", add_help=False)
 
     build = sub.add_parser("build-interfaces", help="generate and compile helmstack_interfaces into this environment")
     build.add_argument("--force", action="store_true", help="rebuild even if up to date")
@@ -433,30 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluations")
     ev_sub = ev.add_subparsers(dest="what", required=True)
-    expert = ev_sub.add_parser("expert", help="scripted expert success per task (args as python -m sim.expert_eval)")
-    expert.add_argument("rest", nargs=argparse.REMAINDER)
-    expert.set_defaults(func=cmd_eval_expert)
-    eval_bc = ev_sub.add_parser("bc", help="BC policy: per-subgoal and long-horizon success on held-out seeds "
-                                           "(see: helmstack eval bc --help)", add_help=False)
-    eval_bc.add_argument("rest", nargs=argparse.REMAINDER)
-    eval_bc.set_defaults(func=cmd_eval_bc)
-    eval_encoder = ev_sub.add_parser("encoder", help="image-text encoder: held-out image->text retrieval "
-                                                     "(see: helmstack eval encoder --help)", add_help=False)
-    eval_encoder.add_argument("rest", nargs=argparse.REMAINDER)
-    eval_encoder.set_defaults(func=cmd_eval_encoder)
-    eval_erasure = ev_sub.add_parser(
-        "erasure", help="Erasure Dependence Protocol: follow-up accuracy with thoughts kept vs erased "
-                        "(see: helmstack eval erasure --help)", add_help=False)
-    eval_erasure.add_argument("rest", nargs=argparse.REMAINDER)
-    eval_erasure.set_defaults(func=cmd_eval_erasure)
-    eval_verifier = ev_sub.add_parser("verifier", help="state verifier vs rule check vs ensemble: AUROC/F1 on held-out "
-                                                       "rollouts (see: helmstack eval verifier --help)", add_help=False)
-    eval_verifier.add_argument("rest", nargs=argparse.REMAINDER)
-    eval_verifier.set_defaults(func=cmd_eval_verifier)
-    eval_helm = ev_sub.add_parser("helm", help="the HELM table: base / longer context / HELM without memory / HELM "
-                                               "(see: helmstack eval helm --help)", add_help=False)
-    eval_helm.add_argument("rest", nargs=argparse.REMAINDER)
-    eval_helm.set_defaults(func=cmd_eval_helm)
+    _forwarding(ev_sub, "expert", "sim.expert_eval:main",
+                help="scripted expert success per task (args as python -m sim.expert_eval)")
+    _forwarding(ev_sub, "bc", "training.bc.train:eval_main", prog="helmstack eval bc",
+                help="BC policy: per-subgoal and long-horizon success on held-out seeds (see: helmstack eval bc --help)", add_help=False)
+    _forwarding(ev_sub, "encoder", "training.encoder.evaluate:eval_main", prog="helmstack eval encoder",
+                help="image-text encoder: held-out image->text retrieval (see: helmstack eval encoder --help)", add_help=False)
+    _forwarding(ev_sub, "erasure", "training.lm_rl.erasure:main", prog="helmstack eval erasure",
+                help="Erasure Dependence Protocol: follow-up accuracy with thoughts kept vs erased (see: helmstack eval erasure --help)", add_help=False)
+    _forwarding(ev_sub, "verifier", "training.verifier.evaluate:main", prog="helmstack eval verifier",
+                help="state verifier vs rule check vs ensemble: AUROC/F1 on held-out rollouts (see: helmstack eval verifier --help)", add_help=False)
+    _forwarding(ev_sub, "helm", "training.helm_eval:main", prog="helmstack eval helm",
+                help="the HELM table: base / longer context / HELM without memory / HELM (see: helmstack eval helm --help)", add_help=False)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="what", required=True)
@@ -466,10 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--seed", type=int, default=0)
     graph.add_argument("--domain-id", type=int, default=None)
     graph.set_defaults(func=cmd_bench_graph)
-    memory = bench_sub.add_parser("memory", help="episodic-memory retrieval latency at 10^3..10^6 keyframes "
-                                                 "(args as python -m runtime.memory.bench)")
-    memory.add_argument("rest", nargs=argparse.REMAINDER)
-    memory.set_defaults(func=cmd_bench_memory)
+    _forwarding(bench_sub, "memory", "runtime.memory.bench:main",
+                help="episodic-memory retrieval latency at 10^3..10^6 keyframes (args as python -m runtime.memory.bench)")
     bench_lm = bench_sub.add_parser(
         "lm", help="every LM RL method vs plain GRPO at matched sampled tokens (about an hour on 2 cores)",
         description="Writes lm_rl.json, lm_rl.md and plots under --out; re-running with the same --out "
@@ -533,18 +459,12 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--device", help="auto | cpu | cuda[:N] (default auto)")
     lm.add_argument("--no-progress", action="store_true", help="no progress bar")
     lm.set_defaults(func=cmd_train_lm)
-    train_bc = train_sub.add_parser("bc", help="behaviour cloning of the base policy from demonstrations "
-                                               "(see: helmstack train bc --help)", add_help=False)
-    train_bc.add_argument("rest", nargs=argparse.REMAINDER)
-    train_bc.set_defaults(func=cmd_train_bc)
-    train_encoder = train_sub.add_parser("encoder", help="in-domain open_clip image-text encoder from demonstration images "
-                                                         "(see: helmstack train encoder --help)", add_help=False)
-    train_encoder.add_argument("rest", nargs=argparse.REMAINDER)
-    train_encoder.set_defaults(func=cmd_train_encoder)
-    train_verifier = train_sub.add_parser("verifier", help="HELM state verifier from labelled rollouts "
-                                                           "(see: helmstack train verifier --help)", add_help=False)
-    train_verifier.add_argument("rest", nargs=argparse.REMAINDER)
-    train_verifier.set_defaults(func=cmd_train_verifier)
+    _forwarding(train_sub, "bc", "training.bc.train:train_main", prog="helmstack train bc",
+                help="behaviour cloning of the base policy from demonstrations (see: helmstack train bc --help)", add_help=False)
+    _forwarding(train_sub, "encoder", "training.encoder.train:train_main", prog="helmstack train encoder",
+                help="in-domain open_clip image-text encoder from demonstration images (see: helmstack train encoder --help)", add_help=False)
+    _forwarding(train_sub, "verifier", "training.verifier.train:main", prog="helmstack train verifier",
+                help="HELM state verifier from labelled rollouts (see: helmstack train verifier --help)", add_help=False)
     return parser
 
 

@@ -23,6 +23,15 @@ class ConfigError(ValueError):
     """A config file or mapping does not match its schema."""
 
 
+def require_positive_ints(config: Any, names: tuple[str, ...]) -> None:
+    """The range check most `__post_init__`s start with: each named field is an int > 0
+    (a bool is not); ValueError naming the first that is not."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def load_config(
     cls: type[T],
     source: str | Path | dict[str, Any] | None,

@@ -132,12 +132,15 @@ class HelmMemory:
         self.write(f"gripper_{what}", subgoal_index, subgoal, observation, None, False)
 
     # -- MemoryContext (verifier) ----------------------------------------------------------
-    def context(self, observation: Observation, subgoal_index: int, k: int) -> list[KeyframeView]:
+    def context(self, observation: Observation, subgoal_index: int, k: int,
+                image_embedding: NDArray[np.float32] | None = None) -> list[KeyframeView]:
+        """The k keyframes of this episode nearest to now; `image_embedding` when the caller
+        already embedded the observation's frame."""
         if not self.episode or len(self.memory) == 0:
             return []
         subgoal = observation.task.subgoals[subgoal_index]
-        matches = self.memory.query(self.image_embedding(observation), self.text_embedding(subgoal.name), k=k,
-                                    episode=self.episode)
+        image = self.image_embedding(observation) if image_embedding is None else image_embedding
+        matches = self.memory.query(image, self.text_embedding(subgoal.name), k=k, episode=self.episode)
         return [self._views[m.id] if m.id in self._views else view_of(m.keyframe) for m in matches]
 
 

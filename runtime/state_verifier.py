@@ -53,6 +53,7 @@ from sim.tasks.predicates import grasped, parse_predicate
 from sim.tasks.spec import TaskSpec
 from sim.world_state import WorldState
 from training.bc.model import FeatureConfig, FeatureError, ObservationFeaturizer, RobotState, encode_chunk
+from runtime.config import require_positive_ints
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +98,7 @@ class VerifierFeatureConfig:
     memory_k: int = 6  # keyframes retrieved per decision
 
     def __post_init__(self) -> None:
-        for name in ("max_entities", "chunk_steps", "memory_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        require_positive_ints(self, ("max_entities", "chunk_steps", "memory_k"))
 
 
 class VerifierFeaturizer:
@@ -198,10 +196,7 @@ class VerifierModelConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("observation_dim", "chunk_dim", "keyframe_dim", "hidden_dim", "memory_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        require_positive_ints(self, ("observation_dim", "chunk_dim", "keyframe_dim", "hidden_dim", "memory_dim"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 

@@ -29,7 +29,6 @@ from policies.base import ActionChunk, Observation
 from sim.panda import N_JOINTS
 from sim.perturbations import DROP_FINGER_M, Perturber
 from sim.scene import TabletopScene
-from sim.sensors.camera import Camera
 from sim.tasks.predicates import evaluate, parse_predicate
 from sim.tasks.spec import SubgoalSpec, TaskSpec
 

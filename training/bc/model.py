@@ -78,7 +78,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from runtime.config import ConfigError, load_config
+from runtime.config import ConfigError, load_config, require_positive_ints
 from sim.panda import N_ARM_JOINTS, N_JOINTS, POSITION_LOWER, POSITION_UPPER
 from sim.tasks.geometry import (
     ALL_KINDS,
@@ -239,10 +239,7 @@ class BCModelConfig:
     history_out_dim: int = 128  # size of the encoded window that joins the current features
 
     def __post_init__(self) -> None:
-        for name in ("input_dim", "chunk_steps", "action_dim", "hidden_dim", "history_width", "history_out_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        require_positive_ints(self, ("input_dim", "chunk_steps", "action_dim", "hidden_dim", "history_width", "history_out_dim"))
         if isinstance(self.history, bool) or not isinstance(self.history, int) or not 0 <= self.history <= MAX_HISTORY:
             raise ValueError(f"history must be an int in [0, {MAX_HISTORY}], got {self.history!r}")
         if isinstance(self.n_blocks, bool) or not isinstance(self.n_blocks, int) or self.n_blocks < 0:

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from policies.base import Observation, Policy
 from policies.bc import BCPolicy
-from runtime.config import ConfigError, load_config
+from runtime.config import ConfigError, load_config, require_positive_ints
 from runtime.stats import wilson_interval
 from sim.expert import ExpertConfig, ScriptedExpert
 from sim.panda import PandaKinematics
@@ -144,10 +144,7 @@ class BCTrainConfig:
     def __post_init__(self) -> None:
         if not self.data_dir or not self.out_dir:
             raise ValueError(f"data_dir and out_dir must be paths, got {self.data_dir!r} and {self.out_dir!r}")
-        for name in ("batch_size", "max_steps", "eval_every", "save_every", "keep_checkpoints", "num_threads", "history_width", "history_out_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        require_positive_ints(self, ("batch_size", "max_steps", "eval_every", "save_every", "keep_checkpoints", "num_threads", "history_width", "history_out_dim"))
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         for name in ("lr", "grad_clip_norm"):

@@ -38,6 +38,7 @@ from sim.tasks.suite import SPLITS, UnknownTaskError, get_task
 from training.bc.demos import ShardError
 from training.encoder.dataset import FrameSet, RecordConfig, load_frames, record_frames, save_frames
 from training.encoder.retrieval import KINDS, recall_at, retrieval_ranks, suite_subgoals
+from runtime.config import require_positive_ints
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,7 @@ class EncoderEvalConfig:
             raise ValueError(f"checkpoint and out must be paths, got {self.checkpoint!r} and {self.out!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {self.split!r}")
-        for name in ("n_seeds", "image_size", "frame_stride", "num_threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        require_positive_ints(self, ("n_seeds", "image_size", "frame_stride", "num_threads"))
 
     def record_config(self) -> RecordConfig:
         return RecordConfig(

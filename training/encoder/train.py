@@ -65,7 +65,7 @@ from perception.encoder import (
     preprocess_images,
     register_model_configs,
 )
-from runtime.config import ConfigError, load_config
+from runtime.config import ConfigError, load_config, require_positive_ints
 from sim.tasks.suite import UnknownTaskError
 from training.bc.demos import ShardError, load_manifest
 from training.encoder.dataset import FrameSet, frames_from_demos, split_by_episode
@@ -125,10 +125,7 @@ class EncoderTrainConfig:
     def __post_init__(self) -> None:
         if not self.data_dir or not self.out_dir:
             raise ValueError(f"data_dir and out_dir must be paths, got {self.data_dir!r} and {self.out_dir!r}")
-        for name in ("frame_stride", "batch_size", "max_steps", "val_max_frames", "eval_every", "save_every", "keep_checkpoints", "num_threads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        require_positive_ints(self, ("frame_stride", "batch_size", "max_steps", "val_max_frames", "eval_every", "save_every", "keep_checkpoints", "num_threads"))
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 (a contrastive batch needs negatives), got {self.batch_size}")
         for name in ("warmup_steps", "shift_px"):

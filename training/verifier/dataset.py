@@ -3,15 +3,14 @@
 Every labelled sample becomes the exact inputs the run-time verifier computes
 (runtime.state_verifier.VerifierFeaturizer): observation features, chunk features and the
 features of the keyframes memory would return. Retrieval is replayed as it happens at run
-time: the episode's keyframes enter an `EpisodicMemory` in the order they were written,
-and each sample queries it (episode filter, top-k of the combined image + subgoal-text
-key, runtime.helm_memory) with its own camera image and subgoal text, seeing only the
-keyframes that existed at that moment. Embeddings come from the image-text encoder the
+time: the episode's keyframes enter a `runtime.helm_memory.HelmMemory` in the order they
+were written, and each sample queries it (episode filter, top-k of the combined image +
+subgoal-text key) with its own camera image and subgoal text, seeing only the keyframes
+that existed at that moment. Embeddings come from the image-text encoder the
 harness will run with, so that changing the encoder means rebuilding the features.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -22,9 +21,8 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from runtime.helm_memory import ImageTextEncoder, memory_config_for
-from runtime.memory import EpisodicMemory, Keyframe
-from runtime.memory.keyframe import ObjectPose, RobotState
+from policies.base import Observation
+from runtime.helm_memory import HelmMemory, ImageTextEncoder
 from runtime.state_verifier import KeyframeView, VerifierFeatureConfig, VerifierFeaturizer
 from sim.tasks.suite import get_task
 from training.verifier.rollouts import FORMAT, world_from_record
@@ -88,18 +86,6 @@ class Examples:
         return len(self.label)
 
 
-def _keyframe_record(episode: str, record: dict[str, Any], image_emb: NDArray, text_emb: NDArray) -> Keyframe:
-    world = world_from_record(record["world"])
-    return Keyframe(
-        episode=episode, step=int(round(record["sim_time_s"] * 20)), sim_time_s=record["sim_time_s"],
-        kind={"episode_start": "subgoal_boundary", "subgoal_start": "subgoal_boundary"}.get(record["kind"], "gripper_event"),
-        subgoal=str(record["subgoal_index"]), image_embedding=image_emb, text_embedding=text_emb,
-        robot=RobotState(world.joint_positions, world.ee_position, world.ee_quaternion, world.gripper_width),
-        objects={k: ObjectPose(p, q) for k, (p, q) in world.object_poses.items()},
-        verified=bool(record["verified"]),
-    )
-
-
 def build_examples(episodes: list[Episode], features: VerifierFeatureConfig, encoder: ImageTextEncoder | None,
                    progress: bool = True) -> Examples:
     """Featurise every sample; with `encoder` None, no keyframes are retrieved (the
@@ -109,16 +95,14 @@ def build_examples(episodes: list[Episode], features: VerifierFeatureConfig, enc
     obs, act, kfs, valids, labels, groups = [], [], [], [], [], []
     for e, ep in enumerate(tqdm(episodes, desc="verifier features", unit="ep", disable=not progress, dynamic_ncols=True)):
         task = get_task(ep.meta["task_id"])
-        views = [KeyframeView(r["kind"], bool(r["verified"]), r["sim_time_s"], r["subgoal_index"], world_from_record(r["world"]))
-                 for r in ep.meta["keyframes"]]
+        keyframes = ep.meta["keyframes"]
         memory = None
-        if encoder is not None and views:
-            memory = EpisodicMemory(memory_config_for(encoder))
+        if encoder is not None and keyframes:
+            # The run-time memory itself, fed in recording order with batch-computed image keys.
+            memory = HelmMemory(encoder)
+            memory.start_episode(ep.name)
             kf_img = np.asarray(encoder.encode_images(ep.keyframe_images), np.float32)
-            texts = [task.subgoals[r["subgoal_index"]].name for r in ep.meta["keyframes"]]
-            kf_txt = np.asarray(encoder.encode_texts(texts), np.float32)
             sample_img = np.asarray(encoder.encode_images(ep.sample_images), np.float32) if len(ep.sample_images) else None
-            subgoal_txt = np.asarray(encoder.encode_texts([sg.name for sg in task.subgoals]), np.float32)
         for s in ep.meta["samples"]:
             world = world_from_record(s["world"])
             index = int(s["subgoal_index"])
@@ -126,11 +110,15 @@ def build_examples(episodes: list[Episode], features: VerifierFeatureConfig, enc
             act.append(featurizer.chunk(ep.chunks[s["chunk_index"]], world))
             chosen: list[KeyframeView] = []
             if memory is not None:
-                while len(memory) < s["n_keyframes"]:
-                    i = len(memory)
-                    memory.add(_keyframe_record(ep.name, ep.meta["keyframes"][i], kf_img[i], kf_txt[i]))
-                matches = memory.query(sample_img[s["image_index"]], subgoal_txt[index], k=k, episode=ep.name)
-                chosen = [views[m.id] for m in matches]
+                while len(memory.memory) < s["n_keyframes"]:
+                    i = len(memory.memory)
+                    r = keyframes[i]
+                    then = world_from_record(r["world"])
+                    memory.write(r["kind"], r["subgoal_index"], task.subgoals[r["subgoal_index"]],
+                                 Observation(then.joint_positions, then.sim_time_s, task, r["subgoal_index"], then),
+                                 None, bool(r["verified"]), image_embedding=kf_img[i])
+                now = Observation(world.joint_positions, world.sim_time_s, task, index, world)
+                chosen = memory.context(now, index, k, image_embedding=sample_img[s["image_index"]])
             kf, valid = featurizer.keyframes(chosen, world, task, index)
             kfs.append(kf)
             valids.append(valid)
@@ -154,9 +142,3 @@ def split_by_episode(examples: Examples, val_fraction: float, seed: int) -> tupl
         raise RolloutDataError(f"need at least 2 episodes to split, got {len(ids)}")
     val = np.isin(examples.episode, ids[:n_val])
     return examples.take(np.flatnonzero(~val)), examples.take(np.flatnonzero(val))
-
-
-def data_fingerprint(data_dir: str | Path, extra: dict[str, Any]) -> str:
-    root = Path(data_dir)
-    names = sorted(p.name for p in (root / "episodes").glob("*.json"))
-    return hashlib.sha256(json.dumps([names, extra], sort_keys=True).encode()).hexdigest()[:16]

@@ -47,7 +47,6 @@ from policies.proposer import PolicyProposer, ResampleConfig
 from sim.harness_env import SceneHarnessEnv
 from sim.perturbations import Perturber, draw_perturbation
 from sim.scene import TabletopScene
-from sim.tasks.predicates import evaluate, parse_predicate
 from sim.tasks.suite import HELDOUT_SEED_BASE, get_task, load_suite
 from sim.world_state import WorldState
 from training.bc.demos import make_cameras, render_cameras

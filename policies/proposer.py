@@ -11,8 +11,9 @@ wasted. `PolicyProposer` gives every policy a proposal distribution:
 - attempt k > 0 uses the policy's `sample_action(obs, rng)` when it has one, otherwise
   adds temporally smooth Gaussian noise to the chunk's joint targets (a random walk over
   the chunk's steps, arm joints only; fingers are left alone so grasp intent is kept).
-  The noise generator is seeded from (seed, subgoal index, attempt): a rerun of an
-  evaluation episode proposes the same chunks.
+  The noise generator is seeded from (seed, subgoal index, attempt, decision time in ms):
+  a rerun of an evaluation episode proposes the same chunks, and resamples at different
+  decisions draw different noise.
 
 Policies with history (BC's motion features) must see each moment once: a resample at
 the same observation reuses the chunk already computed there, and an observation earlier
@@ -67,16 +68,20 @@ class PolicyProposer:
         if attempt < 0:
             raise ValueError(f"attempt must be >= 0, got {attempt}")
         if attempt > 0 and self._sample is not None:
-            rng = np.random.default_rng([self.config.seed, observation.subgoal_index, attempt])
+            rng = self._rng(observation, attempt)
             return self._sample(observation, rng)
         chunk = self._policy_chunk(observation)
         if attempt == 0:
             return chunk
-        rng = np.random.default_rng([self.config.seed, observation.subgoal_index, attempt])
+        rng = self._rng(observation, attempt)
         steps = rng.normal(0.0, self.config.noise_rad, size=(chunk.positions.shape[0], N_ARM_JOINTS))
         positions = chunk.positions.copy()
         positions[:, :N_ARM_JOINTS] += np.cumsum(steps, axis=0)
         return ActionChunk(positions, chunk.times_s.copy())
+
+    def _rng(self, observation: Observation, attempt: int) -> np.random.Generator:
+        decision_ms = int(round(float(observation.sim_time_s) * 1000.0))
+        return np.random.default_rng([self.config.seed, int(observation.subgoal_index), attempt, decision_ms])
 
     def _policy_chunk(self, observation: Observation) -> ActionChunk:
         now, index = float(observation.sim_time_s), int(observation.subgoal_index)

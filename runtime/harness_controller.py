@@ -11,13 +11,20 @@ ran but left its subgoal unreached (execution aborted, or the attempt's chunk bu
 up) is a detected failure. Both climb the recovery ladder, whose rungs are tried in the
 configured order, each bounded:
 
-    RESAMPLE  ask the policy for a new chunk (a new attempt number)
+    RESAMPLE  ask the policy for another chunk: after a rejection, another proposal for the
+              same decision (at most `n_resample` per decision); after a failed check, a new
+              attempt with a fresh chunk budget (at most `n_resample` per subgoal)
     ROLLBACK  restore the last verified keyframe through the environment: a simulator state
               handle in sim, a recorded robot pose on hardware; the controller cannot tell
     REPLAN    ask the planner for new remaining subgoals
 
-When every rung, the per-subgoal or per-episode retry cap, or the time budget is used up
-the episode ends FAILED with the reason. Any exception or invalid answer from a
+Only a recovery asks the policy for a new sample (a nonzero `attempt`); the decisions after
+it get the policy's own chunk again, so one rejection does not perturb the rest of the
+subgoal. When every rung, a retry cap or the time budget is used up after a failed check,
+the episode ends FAILED with the reason. When that happens after a rejection, the verifier
+has only predicted a failure: with ``after_rejections: least_risky`` (the default) the
+proposal with the lowest p_fail at this decision is executed, and CHECK still judges it;
+with ``fail`` the episode ends FAILED. Any exception or invalid answer from a
 collaborator (policy, verifier, planner, environment, memory) ends it in HOLD: the
 environment is told to hold position and `run()` returns normally, so a ROS node or a
 benchmark that drives the controller never crashes on it.
@@ -188,9 +195,13 @@ def _check_count(name: str, value: Any, minimum: int) -> None:
 class HarnessControllerConfig:
     """Schema of the `harness` config section (load with runtime.config.load_config).
 
-    Counts: `n_resample` consecutive resamples before the next rung (reset by a rollback),
-    `max_rollbacks` per subgoal, `max_replans` per episode; `max_retries_subgoal` and
-    `max_retries_episode` cap all recovery actions together. `max_chunks_per_attempt` is
+    Counts: `n_resample` resamples of rejected proposals per decision, and of failed
+    attempts per subgoal (reset by a rollback), before the next rung; `max_rollbacks` per
+    subgoal, `max_replans` per episode; `max_retries_subgoal` and `max_retries_episode` cap
+    the recovery actions that start a new attempt (a rollback, a replan, a resample after a
+    failed check) together; resampling a rejected proposal is bounded by `n_resample`.
+    `after_rejections` says what happens when a rejected proposal has no rung left (see the
+    module docstring). `max_chunks_per_attempt` is
     how many executed chunks an attempt gets to reach its subgoal before CHECK calls it a
     failure. `time_budget_s` is measured on the controller's clock (wall or sim time).
     """
@@ -205,10 +216,13 @@ class HarnessControllerConfig:
     max_chunks_per_attempt: int = 20
     time_budget_s: float = 600.0
     ladder: tuple[RecoveryRung, ...] = ("resample", "rollback", "replan")
+    after_rejections: Literal["least_risky", "fail"] = "least_risky"
 
     def __post_init__(self) -> None:
         if self.mode not in ("verified", "pass_through"):
             raise ValueError(f"mode must be 'verified' or 'pass_through', got {self.mode!r}")
+        if self.after_rejections not in ("least_risky", "fail"):
+            raise ValueError(f"after_rejections must be 'least_risky' or 'fail', got {self.after_rejections!r}")
         if (isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real)
                 or not math.isfinite(self.tau) or not 0.0 <= self.tau <= 1.0):
             raise ValueError(f"tau must be a finite number in [0, 1], got {self.tau!r}")
@@ -321,7 +335,9 @@ class _SubgoalCounters:
 
     started_s: float
     attempt: int = 0
-    resample_streak: int = 0
+    resample_streak: int = 0  # resamples since the subgoal began or was rolled back (both kinds)
+    proposals_resampled: int = 0  # rejected proposals resampled at the current decision
+    attempts_resampled: int = 0  # failed attempts resampled since the last rollback
     rollbacks: int = 0
     retries: int = 0
     chunks: int = 0
@@ -346,6 +362,11 @@ class _Episode:
     chunk: ActionChunk | None = None
     report: ExecutionReport | None = None
     rollback_to: VerifiedKeyframe | None = None
+    # Proposals verified at the current decision (p_fail, chunk); cleared when a chunk runs
+    # or the world or the plan changes.
+    candidates: list[tuple[float, ActionChunk]] = field(default_factory=list)
+    new_sample: bool = False  # a recovery asked for a new sample: the next proposal is one
+    resample_after_rejection: bool = False
     reason: str = ""
     transitions: list[Transition] = field(default_factory=list)
     outcomes: list[SubgoalOutcome] = field(default_factory=list)
@@ -456,18 +477,21 @@ class HarnessController:
 
     def _propose(self, ep: _Episode) -> HarnessState:
         ep.observation = _guard("env.observe", self.env.observe)
-        chunk = _guard("policy.propose", self.policy.propose, ep.observation, ep.subgoal, ep.current.attempt)
+        sample = ep.current.attempt if ep.new_sample else 0
+        ep.new_sample = False
+        chunk = _guard("policy.propose", self.policy.propose, ep.observation, ep.subgoal, sample)
         _check_chunk(chunk)
         ep.chunk = chunk
         if not self.verifying:
             return self._to(ep, HarnessState.PROPOSE, HarnessState.EXECUTE, "pass-through: forwarded without verification")
         return self._to(ep, HarnessState.PROPOSE, HarnessState.VERIFY,
-                        f"chunk of {chunk.positions.shape[0]} steps proposed (attempt {ep.current.attempt})")
+                        f"chunk of {chunk.positions.shape[0]} steps proposed (sample {sample})")
 
     def _verify(self, ep: _Episode) -> HarnessState:
         ep.verifier_calls += 1
         raw = _guard("verifier.p_fail", self.verifier.p_fail, ep.observation, ep.chunk, ep.subgoal, self.memory)
         p_fail = _check_probability(raw)
+        ep.candidates.append((p_fail, ep.chunk))
         tau = self.config.tau
         if p_fail <= tau:
             return self._to(ep, HarnessState.VERIFY, HarnessState.EXECUTE, f"accepted: p_fail {p_fail:.3f} <= tau {tau:g}",
@@ -481,6 +505,8 @@ class HarnessController:
         if not isinstance(report, ExecutionReport):
             raise HarnessFault(f"env.execute returned {type(report).__name__}, expected an ExecutionReport")
         ep.report = report
+        ep.candidates.clear()
+        ep.current.proposals_resampled = 0
         ep.chunks_executed += 1
         ep.current.chunks += 1
         ep.current.chunks_in_attempt += 1
@@ -519,11 +545,21 @@ class HarnessController:
         return self._recover(ep, HarnessState.CHECK, trigger)
 
     def _resample(self, ep: _Episode) -> HarnessState:
-        self._count_retry(ep)
-        ep.current.resample_streak += 1
+        cur = ep.current
+        if ep.resample_after_rejection:
+            # Another proposal for the same decision: the chunk budget keeps counting.
+            cur.proposals_resampled += 1
+            cur.attempt += 1
+            what = "another proposal for this decision"
+        else:
+            self._count_retry(ep)
+            cur.attempts_resampled += 1
+            what = "a new attempt"
+        cur.resample_streak += 1
         ep.resamples += 1
+        ep.new_sample = True
         return self._to(ep, HarnessState.RESAMPLE, HarnessState.PROPOSE,
-                        f"asking the policy for a new chunk (attempt {ep.current.attempt})")
+                        f"asking the policy for {what} (sample {cur.attempt})")
 
     def _rollback(self, ep: _Episode) -> HarnessState:
         keyframe, ep.rollback_to = ep.rollback_to, None
@@ -533,7 +569,9 @@ class HarnessController:
         target = int(target)
         _guard("env.restore", self.env.restore, keyframe.handle)
         self._count_retry(ep)
-        ep.current.resample_streak = 0
+        ep.current.resample_streak = ep.current.proposals_resampled = ep.current.attempts_resampled = 0
+        ep.candidates.clear()
+        ep.new_sample = True
         ep.current.rollbacks += 1
         ep.rollbacks += 1
         if target < ep.index:
@@ -553,6 +591,7 @@ class HarnessController:
         ep.replans += 1
         ep.current.retries += 1
         self._close_subgoal(ep, "replanned")
+        ep.candidates.clear()
         ep.subgoals = done + list(remaining)
         if not remaining:
             # The planner found every remaining effect already satisfied in the observed state.
@@ -565,19 +604,25 @@ class HarnessController:
 
     # -- recovery ladder ---------------------------------------------------------------------
     def _recover(self, ep: _Episode, source: HarnessState, trigger: str, p_fail: float | None = None) -> HarnessState:
-        """Pick the first usable rung for a rejected chunk or a failed check, or fail."""
+        """Pick the first usable rung for a rejected chunk or a failed check, or give up.
+        A retry cap stops the rungs that start a new attempt; another proposal for a rejected
+        decision is not one."""
         cfg = self.config
         cur = ep.current
+        capped = ""
         if ep.retries >= cfg.max_retries_episode:
-            return self._fail(ep, source, f"{trigger}; episode retry cap reached "
-                                          f"({ep.retries}/{cfg.max_retries_episode} max_retries_episode)", p_fail)
-        if cur.retries >= cfg.max_retries_subgoal:
-            return self._fail(ep, source, f"{trigger}; subgoal retry cap reached "
-                                          f"({cur.retries}/{cfg.max_retries_subgoal} max_retries_subgoal)", p_fail)
+            capped = f"episode retry cap reached ({ep.retries}/{cfg.max_retries_episode} max_retries_episode)"
+        elif cur.retries >= cfg.max_retries_subgoal:
+            capped = f"subgoal retry cap reached ({cur.retries}/{cfg.max_retries_subgoal} max_retries_subgoal)"
+        rejected = source is HarnessState.VERIFY
+        resampled = cur.proposals_resampled if rejected else cur.attempts_resampled
         for rung in cfg.ladder:
-            if rung == "resample" and cur.resample_streak < cfg.n_resample:
+            if rung == "resample" and resampled < cfg.n_resample and (rejected or not capped):
+                ep.resample_after_rejection = rejected
                 return self._to(ep, source, HarnessState.RESAMPLE,
-                                f"{trigger}; resample {cur.resample_streak + 1}/{cfg.n_resample}", p_fail)
+                                f"{trigger}; resample {resampled + 1}/{cfg.n_resample}", p_fail)
+            if capped:
+                continue
             if rung == "rollback" and cur.rollbacks < cfg.max_rollbacks:
                 keyframe = _guard("memory.last_verified", self.memory.last_verified)
                 if keyframe is not None and keyframe.handle is not None:
@@ -587,20 +632,33 @@ class HarnessController:
             if rung == "replan" and ep.replans < cfg.max_replans:
                 return self._to(ep, source, HarnessState.REPLAN,
                                 f"{trigger}; replan {ep.replans + 1}/{cfg.max_replans}", p_fail)
-        usage = ", ".join(self._rung_usage(ep, rung) for rung in cfg.ladder) or "no rungs enabled"
-        return self._fail(ep, source, f"{trigger}; recovery ladder exhausted ({usage})", p_fail)
+        if capped:
+            return self._give_up(ep, source, f"{trigger}; {capped}", p_fail)
+        usage = ", ".join(self._rung_usage(ep, rung, resampled) for rung in cfg.ladder) or "no rungs enabled"
+        return self._give_up(ep, source, f"{trigger}; recovery ladder exhausted ({usage})", p_fail)
 
-    def _rung_usage(self, ep: _Episode, rung: str) -> str:
+    def _give_up(self, ep: _Episode, source: HarnessState, reason: str, p_fail: float | None) -> HarnessState:
+        """No recovery left. A failed check fails the episode; a rejection only predicts a
+        failure, so under `least_risky` the decision's lowest-p_fail proposal runs instead."""
+        if source is not HarnessState.VERIFY or self.config.after_rejections == "fail":
+            return self._fail(ep, source, reason, p_fail)
+        best_p, ep.chunk = min(ep.candidates, key=lambda candidate: candidate[0])
+        return self._to(ep, source, HarnessState.EXECUTE,
+                        f"{reason}; executing the least risky of {len(ep.candidates)} proposals "
+                        f"(p_fail {best_p:.3f})", p_fail)
+
+    def _rung_usage(self, ep: _Episode, rung: str, resampled: int) -> str:
         cfg = self.config
         if rung == "resample":
-            return f"resample {ep.current.resample_streak}/{cfg.n_resample}"
+            return f"resample {resampled}/{cfg.n_resample}"
         if rung == "rollback":
             return f"rollback {ep.current.rollbacks}/{cfg.max_rollbacks}"
         return f"replan {ep.replans}/{cfg.max_replans}"
 
     @staticmethod
     def _count_retry(ep: _Episode) -> None:
-        """Every recovery is a new attempt: a fresh chunk budget and a new sample index."""
+        """A rollback, a replan or a resample after a failed check is a new attempt: a fresh
+        chunk budget and a new sample index."""
         ep.retries += 1
         ep.current.retries += 1
         ep.current.attempt += 1

@@ -88,6 +88,7 @@ class HelmEvalConfig:
     max_replans: int = 1
     max_retries_subgoal: int = 6
     max_retries_episode: int = 12
+    after_rejections: str = "least_risky"  # HarnessControllerConfig.after_rejections
     overhead_keyframes: int = 10_000
     # The verifier comparison (helmstack eval verifier) whose AUROC/F1/precision go into
     # helm.json's "verifier" section; "" or a missing file leaves the section out.
@@ -237,7 +238,7 @@ def _run(job: tuple[str, str, int, str, int]) -> dict[str, Any]:
         mode="verified" if helm else "pass_through", tau=float(w.verifiers[row].threshold) if helm else 0.5,
         n_resample=cfg.n_resample, max_rollbacks=cfg.max_rollbacks, max_replans=cfg.max_replans,
         max_retries_subgoal=cfg.max_retries_subgoal, max_retries_episode=cfg.max_retries_episode,
-        max_chunks_per_attempt=budget, time_budget_s=1e9)
+        max_chunks_per_attempt=budget, time_budget_s=1e9, after_rejections=cfg.after_rejections)
     controller = HarnessController(harness, SubgoalProposer(proposer, env), env, verifier=verifier,
                                    planner=RulePlanner() if helm else None, memory=store,
                                    clock=lambda: env.steps_executed / scene.control_hz)
@@ -387,6 +388,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.helm_eva
     parser.add_argument("--tasks", default="", help="comma-separated (default: tasks with >= 4 subgoals)")
     parser.add_argument("--episodes", type=int, default=100, help="per row, protocol and seed")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--after-rejections", choices=("least_risky", "fail"), default="least_risky",
+                        help="when a rejected proposal has no recovery left: run the decision's least risky "
+                             "proposal, or fail the episode")
     parser.add_argument("--overhead-keyframes", type=int, default=10_000)
     parser.add_argument("--verifier-results", default="benchmarks/results/verifier.json",
                         help="helmstack eval verifier output to include (AUROC/F1 table)")
@@ -400,7 +404,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.helm_eva
             verifier_nomem=a.verifier_nomem, encoder=a.encoder, rows=tuple(r for r in a.rows.split(",") if r),
             protocols=tuple(p for p in a.protocols.split(",") if p), tasks=tuple(t for t in a.tasks.split(",") if t),
             episodes=a.episodes, seeds=tuple(int(s) for s in a.seeds.split(",") if s),
-            overhead_keyframes=a.overhead_keyframes, verifier_results=a.verifier_results, workers=a.workers,
+            after_rejections=a.after_rejections, overhead_keyframes=a.overhead_keyframes,
+            verifier_results=a.verifier_results, workers=a.workers,
             progress=not a.no_progress)
         for task_id in config.task_ids():
             get_task(task_id)

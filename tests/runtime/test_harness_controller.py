@@ -191,7 +191,10 @@ def test_rejected_chunk_is_resampled_then_accepted():
     assert policy.calls[:2] == [(NAMES[0], 0), (NAMES[0], 1)]
     assert env.executed[0].positions[0, 0] == 1.0  # the resampled chunk ran, the rejected one never did
     assert ("alarm", False) in [(k.kind, k.verified) for k in memory.keyframes]
-    assert result.subgoals[0].retries == 1
+    # Another proposal for the same decision is not a retry, and the next decision gets the
+    # policy's own chunk again.
+    assert result.subgoals[0].retries == 0
+    assert policy.calls[2:] == [(NAMES[1], 0), (NAMES[2], 0)]
 
 
 def test_resample_limit_leads_to_rollback_to_last_verified_keyframe():
@@ -244,7 +247,7 @@ def test_replan_finding_nothing_left_finishes_the_episode():
 
 
 def test_exhausted_ladder_fails_with_the_reason():
-    config = HarnessControllerConfig(n_resample=1, max_rollbacks=1, max_replans=1)
+    config = HarnessControllerConfig(n_resample=1, max_rollbacks=1, max_replans=1, after_rejections="fail")
     planner = ScriptedPlanner(SUBGOALS, remaining=SUBGOALS[1:])
     controller, env, _, _, _ = make(config, verifier=ScriptedVerifier(default=0.95), planner=planner)
     result = controller.run(TASK.instruction, SUBGOALS)
@@ -259,13 +262,39 @@ def test_exhausted_ladder_fails_with_the_reason():
     assert result.subgoals[-1].outcome == "failed" and result.transitions[-1].reason == result.reason
 
 
+def test_exhausted_ladder_after_rejections_runs_the_least_risky_proposal():
+    # Subgoal 0: three proposals (sample 0, 1, 2) all rejected; sample 1 has the lowest p_fail.
+    config = HarnessControllerConfig(n_resample=2, ladder=("resample",))
+    controller, env, policy, _, _ = make(config, verifier=ScriptedVerifier([0.9, 0.7, 0.8]))
+    result = controller.run(TASK.instruction, SUBGOALS)
+    assert result.success, result.reason
+    assert [a for n, a in policy.calls if n == NAMES[0]] == [0, 1, 2]
+    chosen = next(t for t in result.transitions if t.from_state == "verify" and t.to_state == "execute")
+    assert "recovery ladder exhausted (resample 2/2)" in chosen.reason
+    assert "executing the least risky of 3 proposals (p_fail 0.700)" in chosen.reason
+    assert env.executed[0].positions[0, 0] == 1.0  # sample 1's chunk
+    assert result.rejections == 3 and result.subgoals[0].retries == 0
+
+
+def test_rejection_resamples_are_bounded_per_decision_not_by_the_retry_caps():
+    # Every decision of every subgoal is rejected once: 3 resamples in all, more than the caps
+    # allow retries, and none of them is a retry.
+    config = HarnessControllerConfig(n_resample=1, ladder=("resample",), max_retries_subgoal=0, max_retries_episode=0)
+    controller, _, _, _, _ = make(config, verifier=ScriptedVerifier([0.9, 0.1] * 3))
+    result = controller.run(TASK.instruction, SUBGOALS)
+    assert result.success, result.reason
+    assert result.resamples == 3 and all(o.retries == 0 for o in result.subgoals)
+
+
 @pytest.mark.parametrize("field, value, phrase", [
     ("max_retries_subgoal", 2, "subgoal retry cap reached (2/2 max_retries_subgoal)"),
     ("max_retries_episode", 3, "episode retry cap reached (3/3 max_retries_episode)"),
 ])
 def test_retry_caps_bound_recovery(field, value, phrase):
-    config = HarnessControllerConfig(n_resample=10, ladder=("resample",), **{field: value})
-    controller, _, _, _, _ = make(config, verifier=ScriptedVerifier(default=0.9))
+    # Subgoal 0 is never reached within an attempt's one chunk: every check fails.
+    env = ScriptedEnv(needed={NAMES[0]: 100})
+    config = HarnessControllerConfig(n_resample=10, ladder=("resample",), max_chunks_per_attempt=1, **{field: value})
+    controller, _, _, _, _ = make(config, env=env)
     result = controller.run(TASK.instruction, SUBGOALS)
     assert result.final_state is HarnessState.FAILED and phrase in result.reason
     assert result.resamples == value

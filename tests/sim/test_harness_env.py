@@ -113,9 +113,13 @@ def test_resamples_reuse_the_query_and_differ_from_it(scene):
     assert not np.allclose(first.positions, second.positions)
     assert np.array_equal(second.positions, again.positions)  # seeded: reproducible
     assert np.array_equal(second.positions[:, 7:], first.positions[:, 7:])  # fingers untouched
+    later = Observation(ws.joint_positions, 1.2, TASK, 0, ws)  # the same attempt at a later decision
+    offset = lambda chunk, base: chunk.positions - base.positions
+    later_first = proposer.propose(later, TASK.subgoals[0], 0)
+    assert not np.allclose(offset(proposer.propose(later, TASK.subgoals[0], 1), later_first), offset(second, first))
     earlier = Observation(ws.joint_positions, 0.5, TASK, 0, ws)  # after a rollback
     proposer.propose(earlier, TASK.subgoals[0], 2)
-    assert policy.resets == 1 and policy.calls == 2
+    assert policy.resets == 1 and policy.calls == 3
     with pytest.raises(ValueError):
         proposer.propose(obs, TASK.subgoals[0], -1)
     with pytest.raises(ValueError):

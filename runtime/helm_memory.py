@@ -16,6 +16,7 @@ ClipEncoder: our in-domain open_clip model or a user's CLIP checkpoint).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +36,30 @@ logger = logging.getLogger(__name__)
 MEMORY_KIND = {"episode_start": "subgoal_boundary", "subgoal_start": "subgoal_boundary",
                "gripper_close": "gripper_event", "gripper_open": "gripper_event",
                "alarm": "verifier_alarm", "failure": "verifier_alarm"}
+
+
+FINGER_CLOSED_BELOW_M = 0.02  # commanded mean finger opening (m) below which the gripper is closing
+
+
+class GripperEvents:
+    """Gripper open/close events of the commanded finger targets, for keyframes: an event is
+    a change of state between consecutive commanded rows (the first row of an episode, or of
+    a restored state, only sets the state). Both harness environments use it, so in-process
+    and ROS episodes write the same keyframes."""
+
+    def __init__(self) -> None:
+        self.closed: bool | None = None
+
+    def reset(self) -> None:
+        self.closed = None
+
+    def update(self, finger_targets: NDArray[np.float64]) -> str | None:
+        """One commanded row's finger targets -> "close", "open" or None."""
+        closed = bool(np.mean(finger_targets) < FINGER_CLOSED_BELOW_M)
+        previous, self.closed = self.closed, closed
+        if previous is None or previous == closed:
+            return None
+        return "close" if closed else "open"
 
 
 class ImageTextEncoder(Protocol):
@@ -73,11 +98,13 @@ class HelmMemory:
         self.episode = ""
         self._views: dict[int, KeyframeView] = {}
         self._texts: dict[str, NDArray[np.float32]] = {}
+        self.episode_kinds: Counter[str] = Counter()  # keyframes written this episode, by controller kind
 
     def start_episode(self, episode: str) -> None:
         if not isinstance(episode, str) or not episode:
             raise ValueError(f"episode must be a non-empty string, got {episode!r}")
         self.episode = episode
+        self.episode_kinds = Counter()
 
     # -- embeddings ----------------------------------------------------------------------
     def text_embedding(self, text: str) -> NDArray[np.float32]:
@@ -119,6 +146,7 @@ class HelmMemory:
         )
         keyframe_id = self.memory.add(keyframe)
         self._views[keyframe_id] = KeyframeView(kind, bool(verified), float(observation.sim_time_s), int(subgoal_index), world)
+        self.episode_kinds[kind] += 1
 
     def last_verified(self) -> RollbackTarget | None:
         found = self.memory.last_verified(self.episode)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policies.base import ActionChunk, Observation
+from runtime.helm_memory import GripperEvents
 from sim.panda import N_JOINTS
 from sim.perturbations import DROP_FINGER_M, Perturber
 from sim.scene import TabletopScene
@@ -33,9 +34,6 @@ from sim.tasks.predicates import evaluate, parse_predicate
 from sim.tasks.spec import SubgoalSpec, TaskSpec
 
 logger = logging.getLogger(__name__)
-
-# A finger target below this (per finger, m) is a "close" command; above it, "open".
-_FINGER_CLOSED_BELOW_M = 0.02
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ class SceneHarnessEnv:
         self._call = None
         self._snapshots: dict[int, _Snapshot] = {}
         self._next_handle = 0
-        self._fingers_closed: bool | None = None
+        self._gripper = GripperEvents()
         self.holds = 0
 
     # -- who is being worked on ---------------------------------------------------------
@@ -120,7 +118,7 @@ class SceneHarnessEnv:
             raise KeyError(f"unknown snapshot handle {handle!r}; valid: {sorted(self._snapshots)}")
         snap = self._snapshots[handle]
         self.scene.restore_state(snap.state)
-        self._fingers_closed = None
+        self._gripper.reset()
         if self.perturber is not None:
             self.perturber.reapply(snap.sim_time_s)
 
@@ -136,8 +134,6 @@ class SceneHarnessEnv:
 
     # -- keyframes at gripper events ----------------------------------------------------
     def _gripper_event(self, target: np.ndarray) -> None:
-        closed = bool(np.mean(target[7:9]) < _FINGER_CLOSED_BELOW_M)
-        previous, self._fingers_closed = self._fingers_closed, closed
-        if previous is None or previous == closed or self.on_gripper_event is None:
-            return
-        self.on_gripper_event(self.observe(), "close" if closed else "open")
+        what = self._gripper.update(target[7:9])
+        if what is not None and self.on_gripper_event is not None:
+            self.on_gripper_event(self.observe(), what)

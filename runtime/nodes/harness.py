@@ -361,10 +361,16 @@ class HarnessNode(Node):
             memory = self._memory if self._memory is not None else KeyframeLog()
             if self._memory is not None:
                 self._memory.start_episode(f"goal-{self._goals}-{task.task_id}-{goal.seed}")
+                env.on_gripper_event = lambda obs, what: self._memory.gripper_event(obs, what, env.subgoal_index,
+                                                                                    env.subgoal)
             controller = _ReportingController(
                 config.harness, proposer, env, verifier=verifier, planner=planner, memory=memory,
                 clock=self._now_s, on_transition=on_transition)
             outcome = controller.run(task.instruction, list(task.subgoals))
+            if self._memory is not None:
+                kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self._memory.episode_kinds.items()))
+                self.get_logger().info(f"episodic memory: {sum(self._memory.episode_kinds.values())} keyframes "
+                                       f"this episode ({kinds}), {len(self._memory.memory)} in all")
         finally:
             self._goal_active = False
         if self._closing.is_set():

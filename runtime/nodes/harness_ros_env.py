@@ -12,7 +12,17 @@ RosHarnessEnv
   execute        publishes the chunk on `robot/command_raw` (the safety node checks it) and
                  waits, in simulation time, until the chunk's duration has passed or the
                  current subgoal's predicate holds; a world that stops arriving for
-                 `stall_timeout_s` wall seconds raises (the controller then holds).
+                 `stall_timeout_s` wall seconds raises (the controller then holds). The
+                 duration counts from the first world state whose `command_stamp` is the
+                 chunk's own stamp (every command gets a new one): delivery through the
+                 safety node takes a variable while, and timing from the send would end a
+                 chunk before it had run, or before it had even arrived. A chunk the robot
+                 does not take on within `command_ack_timeout_s` (rejected by the safety
+                 node) is reported cut short. World states that never carry a command stamp
+                 (a source that does not track commands) are timed from the send.
+                 When a commanded row opens or closes the gripper (runtime.helm_memory.
+                 GripperEvents), `on_gripper_event(observation, "open" | "close")` is called
+                 once the world has reached that row's time: keyframes for episodic memory.
   subgoal_done   the subgoal's predicate on the latest world state.
   snapshot /     sim (`sim:=true`): the sim_bridge services `sim/save_state` and
   restore        `sim/restore_state`; a restore returns once the restored state has arrived.
@@ -63,6 +73,7 @@ from helmstack_interfaces.msg import WorldState as WorldStateMsg
 from helmstack_interfaces.srv import RestoreState, SaveState
 from policies.base import ActionChunk, Observation
 from runtime.harness_controller import ExecutionReport
+from runtime.helm_memory import GripperEvents
 from runtime.nodes import msg_convert as mc
 from sim.panda import JOINT_NAMES, N_ARM_JOINTS, PandaKinematics
 from sim.tasks.predicates import evaluate, parse_predicate
@@ -95,6 +106,7 @@ class _World:
     stamp_s: float
     seq: int
     state: WorldState
+    command_ns: int = 0  # the stamp of the last command the robot took on (0: none reported)
 
 
 class RosHarnessEnv:
@@ -113,11 +125,12 @@ class RosHarnessEnv:
         stall_timeout_s: float = 5.0,
         service_timeout_s: float = 10.0,
         restore_speed_rad_s: float = 0.3,
+        command_ack_timeout_s: float = 2.0,
         use_images: bool = True,
         image_size: tuple[int, int] = (128, 128),
     ) -> None:
         for name, value in (("stall_timeout_s", stall_timeout_s), ("service_timeout_s", service_timeout_s),
-                            ("restore_speed_rad_s", restore_speed_rad_s)):
+                            ("restore_speed_rad_s", restore_speed_rad_s), ("command_ack_timeout_s", command_ack_timeout_s)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"RosHarnessEnv.{name} must be a finite number > 0, got {value!r}")
         self.node = node
@@ -125,11 +138,15 @@ class RosHarnessEnv:
         self.stall_timeout_s = float(stall_timeout_s)
         self.service_timeout_s = float(service_timeout_s)
         self.restore_speed_rad_s = float(restore_speed_rad_s)
+        self.command_ack_timeout_s = float(command_ack_timeout_s)
         self.image_size = tuple(image_size)
         self._kin = PandaKinematics()
         self._cond = threading.Condition()
         self._joints: deque[tuple[int, np.ndarray]] = deque(maxlen=16)  # (stamp ns, q), oldest first
-        self._world_raw: tuple[dict, dict, float, int] | None = None  # poses, fixture joints, t_s, episode
+        # poses, fixture joints, t_s, episode, command stamp (ns; 0: none)
+        self._world_raw: tuple[dict, dict, float, int, int] | None = None
+        self._acks_commands = self.sim  # the simulator echoes command stamps; other sources once seen
+        self._last_stamp_ns = 0
         self._world_seq = 0
         self._world: _World | None = None
         self._image: np.ndarray | None = None
@@ -140,6 +157,8 @@ class RosHarnessEnv:
         self.subgoal_index = 0
         self.restores = 0
         self._last_command: np.ndarray | None = None
+        self._gripper = GripperEvents()
+        self.on_gripper_event: Callable[[Observation, str], None] | None = None
         self._cmd = node.create_publisher(JointTrajectory, "robot/command_raw", 10)
         node.create_subscription(JointState, "joint_states", self._on_joint_states, 10, callback_group=callback_group)
         node.create_subscription(WorldStateMsg, "sim/ground_truth", self._on_world, 10, callback_group=callback_group)
@@ -160,6 +179,7 @@ class RosHarnessEnv:
             self.restores = 0
             self._last_command = None
             self._world = None
+            self._gripper.reset()
             self._cond.notify_all()
 
     def set_subgoal(self, subgoal: SubgoalSpec, index: int) -> None:
@@ -200,7 +220,9 @@ class RosHarnessEnv:
             self.node.get_logger().warning(f"dropped ground truth: {exc}", throttle_duration_sec=2.0)
             return
         with self._cond:
-            self._world_raw = (poses, joints, t_s, int(msg.episode))
+            command_ns = mc.stamp_ns(msg.command_stamp)
+            self._acks_commands = self._acks_commands or command_ns != 0
+            self._world_raw = (poses, joints, t_s, int(msg.episode), command_ns)
             self._world_seq += 1
             self._cond.notify_all()
 
@@ -226,7 +248,7 @@ class RosHarnessEnv:
     def _usable(self, after_seq: int, min_stamp_s: float | None) -> bool:
         if self._world_seq <= after_seq or self._world_raw is None or not self._joints:
             return False
-        _, _, t_s, episode = self._world_raw
+        _, _, t_s, episode, _ = self._world_raw
         if self._episode is not None and episode != self._episode:
             return False  # a state from before the last reset, still in flight
         return min_stamp_s is None or t_s >= min_stamp_s - 1e-9
@@ -242,9 +264,10 @@ class RosHarnessEnv:
                 raise HarnessEnvError(self._aborted)
             if not ok:
                 raise HarnessEnvError(f"no world state for {timeout:.1f} s: the simulator or a sensor node stopped")
-            poses, joints, t_s, _ = self._world_raw
+            poses, joints, t_s, _, command_ns = self._world_raw
             q = self._joint_positions_for(t_s)
-            self._world = _World(t_s, self._world_seq, mc.world_state_from_parts(poses, joints, q, t_s, self._kin))
+            self._world = _World(t_s, self._world_seq, mc.world_state_from_parts(poses, joints, q, t_s, self._kin),
+                                 command_ns)
             return self._world
 
     def latest_world(self) -> _World:
@@ -281,14 +304,26 @@ class RosHarnessEnv:
         times_s = np.asarray(chunk.times_s, dtype=np.float64)
         if positions.ndim != 2 or positions.shape[1] != len(JOINT_NAMES) or positions.shape[0] == 0:
             raise HarnessEnvError(f"chunk must be (T >= 1, {len(JOINT_NAMES)}) joint targets, got {positions.shape}")
-        world = self.latest_world()
-        deadline_s = world.stamp_s + float(times_s[-1])
-        self._send(positions, times_s, world.stamp_s)
+        world = self._start_trajectory(positions, times_s)
+        if world is None:
+            return ExecutionReport(False, f"the robot did not take the chunk on within {self.command_ack_timeout_s:g} s "
+                                          "(rejected by the safety node?)")
+        start_s = world.stamp_s
+        deadline_s = start_s + float(times_s[-1])
+        events = []  # (time, "open" | "close") of rows that change the gripper, fired as the world gets there
+        for t, row in zip(times_s, positions):
+            what = self._gripper.update(row[N_ARM_JOINTS:])
+            if what is not None:
+                events.append((start_s + float(t), what))
         call = parse_predicate(self.subgoal.predicate) if self.subgoal is not None else None
         seq = world.seq
         while True:
             world = self.wait_world(after_seq=seq)
             seq = world.seq
+            while events and world.stamp_s >= events[0][0] - 1e-9:
+                _, what = events.pop(0)
+                if self.on_gripper_event is not None:
+                    self.on_gripper_event(self.observe(), what)
             if call is not None and evaluate(call, world.state, task.geometry):
                 return ExecutionReport(True, f"subgoal {self.subgoal.name!r} reached during the chunk")
             if world.stamp_s >= deadline_s - 1e-9:
@@ -321,6 +356,7 @@ class RosHarnessEnv:
             # Return once the restored state is what observe() sees.
             self.wait_world(min_stamp_s=mc.to_seconds(response.stamp))
             self._last_command = None
+            self._gripper.reset()
         self.restores += 1
 
     def hold(self) -> None:
@@ -333,10 +369,34 @@ class RosHarnessEnv:
         self._send(target[None, :], np.array([HOLD_TIME_S]), stamp)
 
     # -- helpers -------------------------------------------------------------------------
-    def _send(self, positions: np.ndarray, times_s: np.ndarray, stamp_s: float) -> None:
+    def _send(self, positions: np.ndarray, times_s: np.ndarray, stamp_s: float) -> int:
+        """Publish a trajectory; returns its stamp (ns), unique to it: never one used before."""
         now = self.node.get_clock().now().nanoseconds * 1e-9
-        self._cmd.publish(mc.trajectory_msg(JOINT_NAMES, positions, times_s, max(now, stamp_s)))
+        msg = mc.trajectory_msg(JOINT_NAMES, positions, times_s, max(now, stamp_s))
+        stamp = max(mc.stamp_ns(msg.header.stamp), self._last_stamp_ns + 1)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp, 1_000_000_000)
+        self._last_stamp_ns = stamp
+        self._cmd.publish(msg)
         self._last_command = positions[-1].copy()
+        return stamp
+
+    def _start_trajectory(self, positions: np.ndarray, times_s: np.ndarray) -> _World | None:
+        """Send a trajectory; returns the world state its duration counts from: the first
+        one that reports it taken on (or, from a source that reports no commands, the one
+        at the send). None when it was not taken on within `command_ack_timeout_s` wall s."""
+        world = self.latest_world()
+        stamp = self._send(positions, times_s, world.stamp_s)
+        if not self._acks_commands:
+            return world
+        deadline = time.monotonic() + self.command_ack_timeout_s
+        seq = 0
+        while True:
+            world = self.wait_world(after_seq=seq)
+            seq = world.seq
+            if world.command_ns == stamp:
+                return world
+            if time.monotonic() > deadline:
+                return None
 
     def _call(self, client, request, name: str):
         if not client.wait_for_service(timeout_sec=self.service_timeout_s):
@@ -370,7 +430,10 @@ class RosHarnessEnv:
             fractions = a + (b - a) * np.arange(1, steps + 1) / steps
             positions = q0[None, :] + fractions[:, None] * (q1 - q0)[None, :]
             times = seg_s * np.arange(1, steps + 1) / steps
-            self._send(positions, times, world.stamp_s)
+            world = self._start_trajectory(positions, times)
+            if world is None:
+                raise HarnessEnvError(f"driving back to the recorded pose: the robot did not take segment {k + 1} on "
+                                      f"within {self.command_ack_timeout_s:g} s (rejected by the safety node?)")
             end_s = world.stamp_s + seg_s
             while world.stamp_s < end_s - 1e-9:
                 world = self.wait_world(after_seq=world.seq)

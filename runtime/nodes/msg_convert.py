@@ -159,8 +159,16 @@ def trajectory_from_msg(msg: JointTrajectory) -> tuple[list[str], np.ndarray, np
 
 
 # -- helmstack interfaces ---------------------------------------------------------------
-def world_state_msg(object_poses: dict, fixture_joints: dict, t_s: float, episode: int = 0) -> WorldStateMsg:
+def stamp_ns(t: Time) -> int:
+    """A stamp as integer nanoseconds: exact, so stamps can be compared for equality."""
+    return int(t.sec) * 1_000_000_000 + int(t.nanosec)
+
+
+def world_state_msg(object_poses: dict, fixture_joints: dict, t_s: float, episode: int = 0,
+                    command_stamp: Time | None = None) -> WorldStateMsg:
     msg = WorldStateMsg(header=header(t_s, "world"), episode=int(episode))
+    if command_stamp is not None:
+        msg.command_stamp = command_stamp
     msg.object_names = list(object_poses)
     msg.object_poses = [_pose(pos, quat) for pos, quat in object_poses.values()]
     msg.joint_names = list(fixture_joints)

@@ -82,7 +82,9 @@ class SafetyNode(Node):
         if decision.verdict is Verdict.REJECTED:
             self._hold()
             return
-        self._send(decision.positions, decision.times_s)
+        # The checked trajectory keeps its sender's stamp: the sender recognises its own
+        # command by it when the robot reports what it took on (WorldState.command_stamp).
+        self._send(decision.positions, decision.times_s, msg.header.stamp)
 
     def _record(self, verdict: Verdict, reason: str) -> None:
         self._counts[verdict.value] += 1
@@ -111,15 +113,18 @@ class SafetyNode(Node):
             return
         self._send(self.filter.hold(self._q), np.array([HOLD_TIME_S]))
 
-    def _send(self, positions: np.ndarray, times_s: np.ndarray) -> None:
-        """Publish a checked trajectory: one topic, or arm and gripper topics when split."""
-        names, now = self.filter.config.joint_names, self._now_s()
-        if self._gripper_pub is None:
-            self._pub.publish(mc.trajectory_msg(names, positions, times_s, now))
-            return
-        self._pub.publish(mc.trajectory_msg([names[i] for i in self._arm_idx], positions[:, self._arm_idx], times_s, now))
-        self._gripper_pub.publish(
-            mc.trajectory_msg([names[i] for i in self._gripper_idx], positions[:, self._gripper_idx], times_s, now))
+    def _send(self, positions: np.ndarray, times_s: np.ndarray, stamp=None) -> None:
+        """Publish a checked trajectory (stamped `stamp`, or now for the node's own holds):
+        one topic, or arm and gripper topics when split."""
+        names = self.filter.config.joint_names
+        messages = [(self._pub, names, positions)] if self._gripper_pub is None else [
+            (self._pub, [names[i] for i in self._arm_idx], positions[:, self._arm_idx]),
+            (self._gripper_pub, [names[i] for i in self._gripper_idx], positions[:, self._gripper_idx])]
+        for publisher, joint_names, points in messages:
+            msg = mc.trajectory_msg(joint_names, points, times_s, self._now_s())
+            if stamp is not None:
+                msg.header.stamp = stamp
+            publisher.publish(msg)
 
     def _publish_diagnostics(self) -> None:
         level = DiagnosticStatus.ERROR if self.filter.estop_engaged else (

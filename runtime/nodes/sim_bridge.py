@@ -60,6 +60,7 @@ class SimBridge(LifecycleNode):
         # node follow /clock): a reset starts the scene at 0, so stamps add an offset.
         self._time_offset_s = 0.0
         self._last_stamp_s = 0.0
+        self._command_stamp = None  # header stamp of the last command applied (echoed in ground truth)
         self._episode = 0
         self._robot: PybulletRobot | None = None
         self.setup_error = ""
@@ -153,6 +154,7 @@ class SimBridge(LifecycleNode):
         with self._lock:
             if self._robot is not None and self._robot.task_id is not None:
                 self._robot.command(positions[:, order], times)
+                self._command_stamp = msg.header.stamp
         if self._published_at is not None:
             self.command_latencies_s.append(time.perf_counter() - self._published_at)
             self._published_at = None
@@ -267,7 +269,8 @@ class SimBridge(LifecycleNode):
         self._pub["joint_states"].publish(
             mc.joint_state_msg(PybulletRobot.joint_names, s.joint_positions, s.joint_velocities, s.joint_efforts, t)
         )
-        self._pub["ground_truth"].publish(mc.world_state_msg(s.world.object_poses, s.world.fixture_joints, t, episode))
+        self._pub["ground_truth"].publish(
+            mc.world_state_msg(s.world.object_poses, s.world.fixture_joints, t, episode, self._command_stamp))
         for cam, frame in s.cameras.items():
             frame_id = f"camera_{cam}_optical_frame"
             self._pub[f"{cam}/image"].publish(mc.image_msg(frame.rgb, "rgb8", t, frame_id))

@@ -8,7 +8,7 @@ import pytest
 
 from perception.encoder import ClipEncoder
 from policies.base import Observation
-from runtime.helm_memory import HelmMemory, view_of
+from runtime.helm_memory import GripperEvents, HelmMemory, view_of
 from runtime.state_verifier import VerifierInputError
 from sim.scene import TabletopScene
 from sim.tasks.suite import get_task
@@ -38,8 +38,10 @@ def test_write_retrieve_and_rollback_target(encoder, observations):
     memory.start_episode("a")
     memory.write("episode_start", 0, TASK.subgoals[0], observations[0], 7, True)
     memory.write("alarm", 0, TASK.subgoals[0], observations[0], None, False)
+    assert memory.episode_kinds == {"episode_start": 1, "alarm": 1}
     memory.start_episode("b")
     memory.write("subgoal_start", 1, TASK.subgoals[1], observations[1], 9, True)
+    assert memory.episode_kinds == {"subgoal_start": 1}  # counted per episode
     target = memory.last_verified()
     assert (target.handle, target.subgoal_index) == (9, 1)
     context = memory.context(observations[1], 1, k=5)
@@ -66,3 +68,12 @@ def test_bad_input_is_refused(encoder, observations):
     assert memory.last_verified() is None and memory.context(observations[0], 0, 3) == []
     with pytest.raises(ValueError):
         memory.start_episode("")
+
+
+def test_gripper_events_fire_on_changes_of_the_commanded_fingers():
+    events = GripperEvents()
+    open_, closed = np.array([0.04, 0.04]), np.array([0.0, 0.0])
+    # The first row only sets the state; then close, stay closed, open.
+    assert [events.update(row) for row in (open_, closed, closed, open_)] == [None, "close", None, "open"]
+    events.reset()  # a restored world: the next row sets the state again
+    assert events.update(closed) is None and events.update(open_) == "open"

@@ -92,6 +92,7 @@ def sample_world_state(seq: int = 0) -> Any:
     msg = WorldState(object_names=["cube", "drawer"], joint_names=["drawer_slide"], joint_positions=[0.125])
     msg.header.frame_id = "world"
     msg.header.stamp.sec = seq
+    msg.command_stamp.sec, msg.command_stamp.nanosec = seq, 250_000_000
     msg.object_poses = [
         Pose(position=Point(x=0.5, y=0.0, z=0.02), orientation=Quaternion(w=1.0)),
         Pose(position=Point(x=0.7, y=0.3, z=0.0), orientation=Quaternion(z=0.7071067811865476, w=0.7071067811865476)),
@@ -207,6 +208,7 @@ EXPECTED_FIELDS: dict[str, dict[str, str]] = {
         "object_poses": "sequence<geometry_msgs/Pose>",
         "joint_names": "sequence<string>",
         "joint_positions": "sequence<double>",
+        "command_stamp": "builtin_interfaces/Time",
     },
     "ResetTask.Request": {"task_id": "string", "seed": "int64"},
     "ResetTask.Response": {"success": "boolean", "message": "string", "episode": "uint32"},

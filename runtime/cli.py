@@ -432,12 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
                                           "checkpoints/ and curves.png under --out. Unset options keep the "
                                           "defaults of training.lm_rl.trainer.TrainConfig.")
     lm.add_argument("--method", required=True,
-                    help="grpo | dr_grpo | dapo | gspo | rloo | mgrpo | ibpo | eqlen | tgc | internalize")
+                    help="grpo | dr_grpo | dapo | gspo | rloo | mgrpo | ibpo | eqlen | tgc | internalize | cerl "
+                         "(committed-state tasks) | difference_feedback (visual tasks, --model tiny-vlm)")
     lm.add_argument("--loss", help="loss preset the method trains with (default: the method's own)")
     lm.add_argument("--option", action="append", metavar="KEY=VALUE",
                     help="a method option, repeatable (e.g. --option corrections=2 for mgrpo)")
-    lm.add_argument("--task", required=True, help="task family: arithmetic | countdown | logic_chain")
-    lm.add_argument("--model", required=True, help="'tiny' (fresh TinyLM) or a local save_pretrained directory")
+    lm.add_argument("--task", required=True,
+                    help="task family: arithmetic | countdown | logic_chain; committed-state (CERL): math_followup | "
+                         "logic_followup | science_qa | tool_use; visual: shape_count | bar_compare | table_read")
+    lm.add_argument("--model", required=True,
+                    help="'tiny' (fresh TinyLM), 'tiny-vlm' (fresh TinyVLM) or a local save_pretrained directory")
     lm.add_argument("--out", required=True, help="run directory")
     lm.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     lm.add_argument("--difficulty", type=int, help="task difficulty (default 1)")

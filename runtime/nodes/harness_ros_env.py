@@ -45,7 +45,10 @@ RosChunkProposer
   observation's time, s). The policy node answers every request once, on
   `policy/proposed_action`, with a chunk stamped no earlier than ``stamp``; the proposer
   takes the first such chunk that arrives after the request, and raises when none comes
-  within `proposal_timeout_s` wall seconds.
+  within `proposal_timeout_s` wall seconds. The topic keeps one message (latched), so DDS
+  may replace a request the policy node has not received yet: without an answer the same
+  request goes out again every `resend_after_s`, and the policy node answers a request
+  number only once.
 
 Subgoals are the task's own `SubgoalSpec`s; after a re-plan they are matched back to the
 task's subgoal list by predicate (the policy acts on a task subgoal index). Waiting is
@@ -452,14 +455,15 @@ class RosChunkProposer:
     """`runtime.harness_controller.ChunkProposer` over the policy node (module docstring)."""
 
     def __init__(self, node: Node, env: RosHarnessEnv, publish_subgoal: Callable[[String], None], *,
-                 callback_group=None, proposal_timeout_s: float = 10.0) -> None:
-        if not (isinstance(proposal_timeout_s, (int, float)) and math.isfinite(proposal_timeout_s)
-                and proposal_timeout_s > 0):
-            raise ValueError(f"RosChunkProposer.proposal_timeout_s must be a finite number > 0, got {proposal_timeout_s!r}")
+                 callback_group=None, proposal_timeout_s: float = 10.0, resend_after_s: float = 1.0) -> None:
+        for name, value in (("proposal_timeout_s", proposal_timeout_s), ("resend_after_s", resend_after_s)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"RosChunkProposer.{name} must be a finite number > 0, got {value!r}")
         self.node = node
         self.env = env
         self.publish_subgoal = publish_subgoal
         self.proposal_timeout_s = float(proposal_timeout_s)
+        self.resend_after_s = float(resend_after_s)
         self._cond = threading.Condition()
         self._waiting_for: tuple[int, int] | None = None  # (request id, min stamp ns)
         self._answer: JointTrajectory | None = None
@@ -467,6 +471,7 @@ class RosChunkProposer:
         self.episode = 0
         self.seed = 0
         self.requests = 0
+        self.resends = 0
         node.create_subscription(JointTrajectory, "policy/proposed_action", self._on_proposal, 10,
                                  callback_group=callback_group)
 
@@ -492,13 +497,15 @@ class RosChunkProposer:
             self._request += 1
             request = self._request
             self._waiting_for, self._answer = (request, min_stamp_ns), None
-        self.publish_subgoal(String(data=json.dumps({
+        message = String(data=json.dumps({
             "task_id": task.task_id, "index": index, "name": subgoal.name, "attempt": int(attempt),
             "request": request, "episode": self.episode, "seed": self.seed, "rollbacks": self.env.restores,
             "stamp": observation.sim_time_s,
-        })))
+        }))
+        self.publish_subgoal(message)
         self.requests += 1
         deadline = time.monotonic() + self.proposal_timeout_s
+        resend_at = time.monotonic() + self.resend_after_s
         with self._cond:
             while self._answer is None:
                 if self.env.aborted:
@@ -510,6 +517,10 @@ class RosChunkProposer:
                     raise HarnessEnvError(f"no proposal from the policy node for request {request} "
                                           f"(subgoal {subgoal.name!r}, attempt {attempt}) within "
                                           f"{self.proposal_timeout_s:.1f} s")
+                if time.monotonic() >= resend_at:
+                    self.publish_subgoal(message)
+                    self.resends += 1
+                    resend_at += self.resend_after_s
                 self._cond.wait(min(left, 0.1))
             msg, self._waiting_for, self._answer = self._answer, None, None
         try:

@@ -13,8 +13,9 @@ one trajectory, and the robot side interpolates it.
 Requests (the HELM harness, `harness` mode `helm`): a subgoal message that carries an
 ``attempt`` is a request for exactly one chunk, not a subgoal to stream for. It also
 carries ``request`` (its sequence number), ``episode``, ``seed``, ``rollbacks`` and
-``stamp`` (the harness's observation time, s). The node answers each request once, as soon
-as its inputs are at least as new as ``stamp``, through `policies.proposer.PolicyProposer`:
+``stamp`` (the harness's observation time, s). The node answers each request once (a
+request number it has seen is ignored: the harness re-sends while it waits), as soon as its
+inputs are at least as new as ``stamp``, through `policies.proposer.PolicyProposer`:
 attempt 0 is the policy's own chunk, attempt k > 0 a resampled one. A new ``episode``
 resets the proposer (seeded with ``seed``); a new ``rollbacks`` count resets the policy's
 history (the world went back in time, though ROS time did not). Without ``attempt`` the
@@ -59,6 +60,7 @@ class PolicyNode(LifecycleNode):
         self._request: dict | None = None  # a harness request not answered yet
         self._helm_episode: int | None = None
         self._helm_rollbacks = 0
+        self._last_request: tuple[int, int] | None = None  # (episode, request) of the last harness request taken
         self.answered_requests = 0
         self._q: np.ndarray | None = None
         self._world: tuple | None = None
@@ -147,7 +149,12 @@ class PolicyNode(LifecycleNode):
 
     def _on_request(self, request: dict, task) -> None:
         """A harness request for one chunk (module docstring): reset what must be reset,
-        then answer as soon as the inputs are fresh enough."""
+        then answer as soon as the inputs are fresh enough. A request number seen before (the
+        harness sends a request again while it waits) is not answered twice."""
+        key = (request["episode"], request["request"])
+        if key == self._last_request:
+            return
+        self._last_request = key
         if request["episode"] != self._helm_episode:
             self.proposer.reset(seed=request["seed"])
             self._helm_episode, self._helm_rollbacks = request["episode"], request["rollbacks"]

@@ -17,7 +17,6 @@ from runtime.launcher import NodeAction, NodeProcessGroup
 TASK, SEED = "pick_place_bowl", 1_000_000
 
 
-@pytest.mark.xfail(reason="quarantined: on an idle machine the first malformed request (attempt 'one') is not logged; open bug, see the HELM issue notes", strict=False)
 @pytest.mark.timeout(120)
 def test_one_proposal_per_request_and_bad_requests_are_dropped(ros_env, ros_node, tmp_path):
     from rclpy.qos import DurabilityPolicy, QoSProfile
@@ -99,19 +98,26 @@ def test_one_proposal_per_request_and_bad_requests_are_dropped(ros_env, ros_node
             assert mc.to_seconds(proposals[2].header.stamp) >= ahead - 1e-6
 
             # Malformed requests: dropped with a warning, no answer, the node keeps serving.
-            for bad in ({"attempt": "one"}, {"attempt": -1}, {"stamp": "now"}, {"index": 7}, {"request": None}):
-                request(**bad)
-                time.sleep(0.2)
+            # The topic is latched with depth 1, so DDS may replace a request the node has not
+            # received yet by the next one: each goes out (again, if need be) until its warning
+            # is in the node's log.
+            for bad, warning in (({"attempt": "one"}, "request field 'attempt' must be an integer, got 'one'"),
+                                 ({"attempt": -1}, "attempt and rollbacks must be >= 0"),
+                                 ({"stamp": "now"}, "request field 'stamp' must be a finite number"),
+                                 ({"index": 7}, "has 3 subgoals, no index 7"),
+                                 ({"request": None}, "request field 'request' must be an integer, got None")):
+                deadline = time.monotonic() + 20.0
+                while warning not in (tmp_path / "policy.log").read_text():
+                    assert time.monotonic() < deadline, f"no warning {warning!r} in the policy node's log"
+                    request(**bad)
+                    time.sleep(0.5)
             time.sleep(0.5)
             assert len(proposals) == 3
             request(request=9, stamp=now["t"])
             wait_count(4)
-            time.sleep(0.5)
+            request(request=9, stamp=now["t"])  # sent again while the harness waits: not answered twice
+            time.sleep(1.0)
             assert len(proposals) == 4 and group.poll() == []
         finally:
             stop.set()
             feeder.join()
-    log = (tmp_path / "policy.log").read_text()
-    assert "request field 'attempt' must be an integer, got 'one'" in log
-    assert "attempt and rollbacks must be >= 0" in log
-    assert "has 3 subgoals, no index 7" in log

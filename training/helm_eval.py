@@ -51,7 +51,7 @@ from runtime.harness_controller import HarnessController, HarnessControllerConfi
 from runtime.helm_memory import HelmMemory
 from runtime.planner import RulePlanner
 from runtime.state_verifier import StateVerifier
-from runtime.stats import wilson_interval
+from runtime.stats import mean_ci, wilson_interval
 from sim.harness_env import SceneHarnessEnv
 from sim.perturbations import Perturber, draw_perturbation
 from sim.scene import TabletopScene
@@ -273,6 +273,7 @@ def summarize(config: HelmEvalConfig, episodes: list[dict[str, Any]], command: s
                           "rollbacks": int(sum(e["rollbacks"] for e in eps)), "replans": int(sum(e["replans"] for e in eps)),
                           "rejections": int(sum(e["rejections"] for e in eps))}
         out[protocol] = table
+    out["paired"] = paired_differences(config, episodes)
     times = [t for e in episodes if e["row"] == "helm" for t in e["verifier_ms"]]
     keyframes = [e["keyframes_in_memory"] for e in episodes if e["row"] == "helm"]
     out["overhead_ms"] = {
@@ -290,6 +291,21 @@ def summarize(config: HelmEvalConfig, episodes: list[dict[str, Any]], command: s
     return out
 
 
+def paired_differences(config: HelmEvalConfig, episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """HELM's success minus each other row's on the same initial states (the rows share
+    them): mean of the per-episode differences with its 95% interval (runtime.stats.mean_ci)."""
+    outcome = {(e["row"], e["protocol"], e["seed"], e["task_id"], e["initial_state"]): float(e["success"]) for e in episodes}
+    out: dict[str, Any] = {}
+    for protocol in config.protocols:
+        for other in (r for r in config.rows if r != "helm"):
+            diffs = [outcome[("helm", *key[1:])] - value for key, value in outcome.items()
+                     if key[0] == other and key[1] == protocol and ("helm", *key[1:]) in outcome]
+            if diffs:
+                d = mean_ci(diffs)
+                out.setdefault(protocol, {})[f"helm_minus_{other}"] = {"mean": d["mean"], "ci95": d["ci95"], "episodes": d["n"]}
+    return out
+
+
 def markdown(summary: dict[str, Any]) -> str:
     rows = summary["config"]["rows"]
     lines = ["| row | long-horizon success | recovery success |", "|---|---|---|"]
@@ -299,6 +315,16 @@ def markdown(summary: dict[str, Any]) -> str:
             r = summary.get(protocol, {}).get(row)
             cells.append(f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] (n={r['episodes']})" if r and r["episodes"] else "not run")
         lines.append(f"| {row} | {cells[0]} | {cells[1]} |")
+    paired = summary.get("paired", {})
+    others = sorted({name for table in paired.values() for name in table})
+    if others:
+        lines += ["", "| paired by initial state | long-horizon | recovery |", "|---|---|---|"]
+        for name in others:
+            cells = []
+            for protocol in ("long_horizon", "recovery"):
+                d = paired.get(protocol, {}).get(name)
+                cells.append(f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] (n={d['episodes']})" if d else "not run")
+            lines.append(f"| {name.replace('_minus_', ' - ')} | {cells[0]} | {cells[1]} |")
     if summary.get("verifier"):
         lines += ["", "| verifier | AUROC [95% CI] | F1 | precision |", "|---|---|---|---|"]
         for name in ("rule", "ensemble", "sv_nomem", "sv"):

@@ -12,7 +12,7 @@ from perception.encoder import ClipEncoder
 from runtime.state_verifier import StateVerifier
 from training.bc.demos import DemoConfig, NoiseConfig, generate_demos
 from training.bc.train import BCTrainConfig, BCTrainer
-from training.helm_eval import HelmEvalConfig, evaluate
+from training.helm_eval import HelmEvalConfig, evaluate, paired_differences
 from training.verifier.dataset import RolloutDataError, build_examples, load_episodes, split_by_episode
 from training.verifier.rollouts import VerifierDataConfig, generate
 from training.verifier.train import VerifierTrainConfig, VerifierTrainer
@@ -102,3 +102,17 @@ def test_helm_eval_smoke(rollouts, policy_dir, tmp_path):
     assert len(lines) == 4
     evaluate(config)  # a rerun finds every episode done
     assert len((tmp_path / "eval" / "episodes.jsonl").read_text().splitlines()) == 4
+
+
+def test_paired_differences_match_initial_states(tmp_path):
+    def episode(row, init, success, protocol="long_horizon"):
+        return {"row": row, "protocol": protocol, "seed": 0, "task_id": TASK, "initial_state": init, "success": success}
+
+    config = HelmEvalConfig(out_dir=str(tmp_path), rows=("base", "helm"), protocols=("long_horizon", "recovery"))
+    # HELM wins initial state 1, ties 0 and 2; state 3 has no HELM episode and is left out.
+    episodes = [episode("base", i, s) for i, s in enumerate((True, False, False, True))]
+    episodes += [episode("helm", i, s) for i, s in enumerate((True, True, False))]
+    paired = paired_differences(config, episodes)
+    d = paired["long_horizon"]["helm_minus_base"]
+    assert d["episodes"] == 3 and d["mean"] == pytest.approx(1 / 3) and d["ci95"][0] < d["mean"] < d["ci95"][1]
+    assert "recovery" not in paired

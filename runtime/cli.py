@@ -186,12 +186,25 @@ def _bench_lm_cerl(args: argparse.Namespace) -> int:
             options["seeds"] = tuple(int(s) for s in args.seeds.split(","))
         if args.domains:
             options["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+        if args.difficulty:
+            options["difficulty"] = _domain_levels(args.difficulty)
         config = CerlBenchConfig(**{k: v for k, v in options.items() if v is not None})
     except ValueError as exc:
         return _fail_setup(str(exc))
     summary = run_cerl_bench(config, args.out, results_dir=args.results)
     print(json.dumps({d: {m: round(r["acc_erased"], 3) for m, r in e.items()} for d, e in summary["domains"].items()}))
     return 0
+
+
+def _domain_levels(text: str) -> dict[str, int]:
+    """'science_qa=1,math=2' -> {"science_qa": 1, "math": 2}; ValueError names a bad entry."""
+    levels = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        domain, sep, level = item.partition("=")
+        if not sep or not level.strip().isdigit():
+            raise ValueError(f"--difficulty entries are DOMAIN=LEVEL, got {item!r}")
+        levels[domain.strip()] = int(level)
+    return levels
 
 
 def _bench_lm_vlm(args: argparse.Namespace) -> int:
@@ -203,7 +216,8 @@ def _bench_lm_vlm(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     foreign = [flag for flag, value in (("--throughput-repeats", args.throughput_repeats), ("--domains", args.domains),
-                                        ("--rl-steps", args.rl_steps)) if value is not None]
+                                        ("--rl-steps", args.rl_steps), ("--difficulty", args.difficulty))
+               if value is not None]
     if args.no_smollm2:
         foreign.append("--no-smollm2")
     if foreign:
@@ -417,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_lm.add_argument("--tasks", help="vlm suite: comma-separated visual tasks (shape_count,bar_compare,table_read)")
     bench_lm.add_argument("--domains", help="cerl suite: comma-separated domains (math,logic,science_qa,tool_use)")
     bench_lm.add_argument("--rl-steps", type=int, help="cerl suite: RL steps per grpo/cerl run")
+    bench_lm.add_argument("--difficulty", help="cerl suite: DOMAIN=LEVEL,... (default math=2,logic=1,science_qa=2,tool_use=2)")
     bench_lm.set_defaults(func=cmd_bench_lm)
 
     convert = sub.add_parser("convert", help="turn a shipped pretrained model into a trainable checkpoint")

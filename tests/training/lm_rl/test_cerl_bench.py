@@ -63,3 +63,14 @@ def test_cli_suite_option_keeps_methods_as_default() -> None:
     assert (args.suite, args.domains, args.rl_steps) == ("cerl", "math", 3)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "lm", "--suite", "nope", "--out", "x"])
+
+
+def test_cli_difficulty_per_domain() -> None:
+    from runtime.cli import _domain_levels
+
+    assert _domain_levels("science_qa=1, math=3") == {"science_qa": 1, "math": 3}
+    for bad in ("science_qa", "math=two", "math=-1"):
+        with pytest.raises(ValueError, match="DOMAIN=LEVEL"):
+            _domain_levels(bad)
+    with pytest.raises(ValueError, match="difficulty"):  # a level the config refuses
+        CerlBenchConfig(difficulty=_domain_levels("math=0"))

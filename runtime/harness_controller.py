@@ -201,9 +201,9 @@ class HarnessControllerConfig:
     the recovery actions that start a new attempt (a rollback, a replan, a resample after a
     failed check) together; resampling a rejected proposal is bounded by `n_resample`.
     `after_rejections` says what happens when a rejected proposal has no rung left (see the
-    module docstring). `max_chunks_per_attempt` is
-    how many executed chunks an attempt gets to reach its subgoal before CHECK calls it a
-    failure. `time_budget_s` is measured on the controller's clock (wall or sim time).
+    module docstring). `max_chunks_per_attempt` is how many executed chunks an attempt gets
+    to reach its subgoal before CHECK calls it a failure. `time_budget_s` is measured on the
+    controller's clock (wall or sim time).
     """
 
     mode: Literal["verified", "pass_through"] = "verified"

@@ -47,8 +47,9 @@ RosChunkProposer
   takes the first such chunk that arrives after the request, and raises when none comes
   within `proposal_timeout_s` wall seconds. The topic keeps one message (latched), so DDS
   may replace a request the policy node has not received yet: without an answer the same
-  request goes out again every `resend_after_s`, and the policy node answers a request
-  number only once.
+  request goes out again every `resend_after_s`; the policy node computes one answer per
+  request number (sent again for a repeated request) and names the request in the answer's
+  `header.frame_id`, which the proposer checks.
 
 Subgoals are the task's own `SubgoalSpec`s; after a re-plan they are matched back to the
 task's subgoal list by predicate (the policy acts on a task subgoal index). Waiting is
@@ -465,7 +466,7 @@ class RosChunkProposer:
         self.proposal_timeout_s = float(proposal_timeout_s)
         self.resend_after_s = float(resend_after_s)
         self._cond = threading.Condition()
-        self._waiting_for: tuple[int, int] | None = None  # (request id, min stamp ns)
+        self._waiting_for: tuple[str, int] | None = None  # (answer frame_id, min stamp ns)
         self._answer: JointTrajectory | None = None
         self._request = 0
         self.episode = 0
@@ -481,8 +482,9 @@ class RosChunkProposer:
     def _on_proposal(self, msg: JointTrajectory) -> None:
         stamp_ns = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
         with self._cond:
-            if self._waiting_for is None or self._answer is not None or stamp_ns < self._waiting_for[1]:
-                return  # nobody asked, already answered, or an answer to an older request
+            if (self._waiting_for is None or self._answer is not None or msg.header.frame_id != self._waiting_for[0]
+                    or stamp_ns < self._waiting_for[1]):
+                return  # nobody asked, already answered, or an answer to another request
             self._answer = msg
             self._cond.notify_all()
 
@@ -496,7 +498,7 @@ class RosChunkProposer:
         with self._cond:
             self._request += 1
             request = self._request
-            self._waiting_for, self._answer = (request, min_stamp_ns), None
+            self._waiting_for, self._answer = (f"request {request}", min_stamp_ns), None
         message = String(data=json.dumps({
             "task_id": task.task_id, "index": index, "name": subgoal.name, "attempt": int(attempt),
             "request": request, "episode": self.episode, "seed": self.seed, "rollbacks": self.env.restores,

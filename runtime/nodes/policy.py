@@ -13,10 +13,11 @@ one trajectory, and the robot side interpolates it.
 Requests (the HELM harness, `harness` mode `helm`): a subgoal message that carries an
 ``attempt`` is a request for exactly one chunk, not a subgoal to stream for. It also
 carries ``request`` (its sequence number), ``episode``, ``seed``, ``rollbacks`` and
-``stamp`` (the harness's observation time, s). The node answers each request once (a
-request number it has seen is ignored: the harness re-sends while it waits), as soon as its
-inputs are at least as new as ``stamp``, through `policies.proposer.PolicyProposer`:
-attempt 0 is the policy's own chunk, attempt k > 0 a resampled one. A new ``episode``
+``stamp`` (the harness's observation time, s). The node computes one answer per request,
+as soon as its inputs are at least as new as ``stamp``, with ``header.frame_id`` naming the
+request ("request N"); a request number it has seen again (the harness re-sends while it
+waits) gets that same answer again, so a lost answer is not fatal. Chunks come from
+`policies.proposer.PolicyProposer`: attempt 0 is the policy's own chunk, attempt k > 0 a resampled one. A new ``episode``
 resets the proposer (seeded with ``seed``); a new ``rollbacks`` count resets the policy's
 history (the world went back in time, though ROS time did not). Without ``attempt`` the
 node streams as described above (the `pass_through` harness).
@@ -61,6 +62,7 @@ class PolicyNode(LifecycleNode):
         self._helm_episode: int | None = None
         self._helm_rollbacks = 0
         self._last_request: tuple[int, int] | None = None  # (episode, request) of the last harness request taken
+        self._last_answer: JointTrajectory | None = None  # its answer, sent again when the request is
         self.answered_requests = 0
         self._q: np.ndarray | None = None
         self._world: tuple | None = None
@@ -150,11 +152,14 @@ class PolicyNode(LifecycleNode):
     def _on_request(self, request: dict, task) -> None:
         """A harness request for one chunk (module docstring): reset what must be reset,
         then answer as soon as the inputs are fresh enough. A request number seen before (the
-        harness sends a request again while it waits) is not answered twice."""
+        harness sends a request again while it waits) is not computed twice: its answer, once
+        there is one, goes out again (the first may have been lost)."""
         key = (request["episode"], request["request"])
         if key == self._last_request:
+            if self._last_answer is not None:
+                self._pub.publish(self._last_answer)
             return
-        self._last_request = key
+        self._last_request, self._last_answer = key, None
         if request["episode"] != self._helm_episode:
             self.proposer.reset(seed=request["seed"])
             self._helm_episode, self._helm_rollbacks = request["episode"], request["rollbacks"]
@@ -189,7 +194,10 @@ class PolicyNode(LifecycleNode):
             self.get_logger().error(f"policy produced non-finite actions for request {request['request']}: not published")
             return
         stamp = max(now, t_obs, request["stamp"])  # never earlier than what it answers
-        self._pub.publish(mc.trajectory_msg(JOINT_NAMES, chunk.positions, chunk.times_s, stamp))
+        answer = mc.trajectory_msg(JOINT_NAMES, chunk.positions, chunk.times_s, stamp)
+        answer.header.frame_id = f"request {request['request']}"  # which request it answers
+        self._last_answer = answer
+        self._pub.publish(answer)
         self.answered_requests += 1
 
     # -- acting ------------------------------------------------------------------------

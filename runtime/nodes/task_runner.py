@@ -86,7 +86,11 @@ class HarnessRecorder:
         self.transitions: list[dict] = []
         self.wall_ms: dict[str, list[float]] = {}  # controller state -> wall time spent in it, per visit
         self.record: dict | None = None
+        # Distinct requests and answers: the harness re-sends a request it waits on, and the
+        # policy node sends the same answer again for it.
         self.graph: dict = {"requests": 0, "proposals": 0, "commands": 0, "verdicts": {}}
+        self._requests_seen: set = set()
+        self._answers_seen: set[str] = set()
         deep = QoSProfile(depth=1000)
         node.create_subscription(DiagnosticStatus, "/harness/status", self._on_status, deep)
         if mode == "helm":
@@ -96,7 +100,7 @@ class HarnessRecorder:
             from helmstack_interfaces.msg import VerifierVerdict
 
             node.create_subscription(String, "/harness/subgoal", self._on_subgoal, deep)
-            node.create_subscription(JointTrajectory, "/policy/proposed_action", lambda _: self._count("proposals"), deep)
+            node.create_subscription(JointTrajectory, "/policy/proposed_action", self._on_proposal, deep)
             node.create_subscription(JointTrajectory, "/robot/command_raw", lambda _: self._count("commands"), deep)
             node.create_subscription(VerifierVerdict, "/harness/verdict", self._on_verdict, deep)
 
@@ -105,10 +109,22 @@ class HarnessRecorder:
 
     def _on_subgoal(self, msg) -> None:
         try:
-            if "attempt" in json.loads(msg.data):
-                self.graph["requests"] += 1
-        except (json.JSONDecodeError, TypeError):
+            data = json.loads(msg.data)
+            if "attempt" in data:
+                key = (data.get("episode"), data.get("request"))
+                if key not in self._requests_seen:
+                    self._requests_seen.add(key)
+                    self.graph["requests"] += 1
+        except (json.JSONDecodeError, TypeError, AttributeError):
             pass
+
+    def _on_proposal(self, msg) -> None:
+        answer = msg.header.frame_id
+        if answer:
+            if answer in self._answers_seen:
+                return
+            self._answers_seen.add(answer)
+        self.graph["proposals"] += 1
 
     def _on_verdict(self, msg) -> None:
         self.graph["verdicts"][msg.decision] = self.graph["verdicts"].get(msg.decision, 0) + 1

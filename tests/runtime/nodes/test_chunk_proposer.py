@@ -42,12 +42,16 @@ def test_a_lost_request_is_sent_again_and_answered(ros_node):
     answers = ros_node.create_publisher(JointTrajectory, "policy/proposed_action", 10)
     sent = []
 
+    def answer(value: float, request: int):
+        msg = mc.trajectory_msg(JOINT_NAMES, np.full((2, 9), value), np.array([0.1, 0.2]), sent[-1]["stamp"])
+        msg.header.frame_id = f"request {request}"
+        answers.publish(msg)
+
     def publish_subgoal(msg):  # the policy node: never sees the first copy, answers the second
         sent.append(json.loads(msg.data))
         if len(sent) == 2:
-            chunk = np.full((2, 9), 0.1)
-            threading.Timer(0.05, lambda: answers.publish(
-                mc.trajectory_msg(JOINT_NAMES, chunk, np.array([0.1, 0.2]), sent[-1]["stamp"]))).start()
+            answer(0.7, 99)  # an answer to another request is not taken
+            threading.Timer(0.05, lambda: answer(0.1, sent[-1]["request"])).start()
 
     proposer = RosChunkProposer(ros_node, EnvStub(), publish_subgoal, proposal_timeout_s=10.0, resend_after_s=0.3)
     deadline = time.monotonic() + 10.0

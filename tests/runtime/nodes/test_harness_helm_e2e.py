@@ -60,27 +60,30 @@ def test_helm_run_verifies_every_chunk_and_succeeds(ros_env, helmstack_interface
     assert [s["success"] for s in result["subgoals"]] == [True, True, True]
     harness = result["harness"]
     assert harness["mode"] == "helm" and harness["final_state"] == "done"
-    assert harness["chunks_executed"] > 3 and harness["verifier_calls"] == harness["chunks_executed"]
+    # Every proposal is verified before anything runs; the rule check may reject a few of the
+    # expert's chunks (then another proposal is verified), so calls >= executed chunks.
+    assert harness["chunks_executed"] > 3 and harness["verifier_calls"] >= harness["chunks_executed"]
     # Every transition streamed on harness/status reached the recorder, in order.
     transitions = harness["transitions"]
     assert harness["transitions_streamed"] == len(transitions)
     assert [t["seq"] for t in transitions] == list(range(len(transitions)))
     pairs = Counter((t["from_state"], t["to_state"]) for t in transitions)
     assert pairs[("start", "propose")] == 1 and pairs[("check", "done")] == 1
-    assert pairs[("propose", "verify")] == pairs[("verify", "execute")] + pairs[("verify", "resample")]
+    assert pairs[("propose", "verify")] == harness["verifier_calls"]
+    assert pairs[("verify", "execute")] + harness["rejections"] >= harness["verifier_calls"]
     assert pairs[("execute", "check")] == harness["chunks_executed"]
     assert all(t["p_fail"] is not None and 0.0 <= t["p_fail"] <= 1.0 for t in transitions if t["from_state"] == "verify")
     assert "HELM harness:" in proc.stderr
 
     # What went over the graph (counted by the run over reliable subscriptions): a verdict
     # per verifier decision, exactly one proposal per request (no streaming), and a command
-    # on robot/command_raw only for an accepted chunk.
+    # on robot/command_raw only for a chunk the controller executed.
     graph = harness["graph"]
     verdicts = graph["verdicts"]
     assert sum(verdicts.values()) == harness["verifier_calls"] and set(verdicts) <= {"accept", "reject"}
-    assert graph["requests"] == harness["chunks_executed"] + harness["rejections"]
+    assert graph["requests"] == harness["verifier_calls"]
     assert graph["proposals"] == graph["requests"]
-    assert graph["commands"] == verdicts.get("accept", 0) == harness["chunks_executed"]
+    assert graph["commands"] == harness["chunks_executed"] and verdicts.get("accept", 0) <= harness["chunks_executed"]
     log = (out / "logs/harness.log").read_text()
     assert "helm mode: controller verified" in log and "verifier 'rule'" in log
 
@@ -140,3 +143,21 @@ def test_helm_flags_are_checked_before_anything_starts(ros_env, tmp_path):
     proc = subprocess.run([*HELMSTACK, "run", "--sim", "--task", TASK, "--harness", "verified"],
                           cwd=ROOT, env=ros_env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "invalid choice: 'verified'" in proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_helm_run_with_memory_keeps_gripper_keyframes(ros_env, helmstack_interfaces, light_launch, tmp_path):
+    """With an encoder the harness keys episodic memory on the front camera: the episode's
+    keyframes include the expert's gripper closing and opening, seen over ROS."""
+    import torch
+
+    from perception.encoder import ClipEncoder
+
+    encoder = tmp_path / "encoder.pt"
+    torch.save({"state_dict": ClipEncoder().model.state_dict()}, encoder)  # untrained weights load the same way
+    out = tmp_path / "run"
+    proc = run(ros_env, light_launch, out, "--encoder", str(encoder), "--no-bag")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    line = next(l for l in (out / "logs/harness.log").read_text().splitlines() if "episodic memory:" in l)
+    for kind in ("episode_start", "subgoal_start", "gripper_close", "gripper_open"):
+        assert kind in line, line

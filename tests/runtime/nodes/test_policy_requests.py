@@ -115,9 +115,14 @@ def test_one_proposal_per_request_and_bad_requests_are_dropped(ros_env, ros_node
             assert len(proposals) == 3
             request(request=9, stamp=now["t"])
             wait_count(4)
-            request(request=9, stamp=now["t"])  # sent again while the harness waits: not answered twice
-            time.sleep(1.0)
-            assert len(proposals) == 4 and group.poll() == []
+            assert proposals[3].header.frame_id == "request 9"
+            # Sent again while the harness waits (its answer may have been lost): the same
+            # answer again, not a new chunk.
+            request(request=9, stamp=now["t"])
+            wait_count(5)
+            time.sleep(0.5)
+            assert len(proposals) == 5 and group.poll() == []
+            assert proposals[4].header == proposals[3].header and proposals[4].points == proposals[3].points
         finally:
             stop.set()
             feeder.join()

@@ -185,7 +185,7 @@ def _bench_lm_cerl(args: argparse.Namespace) -> int:
         if args.seeds:
             options["seeds"] = tuple(int(s) for s in args.seeds.split(","))
         if args.domains:
-            options["domains"] = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+            options["domains"] = _csv(args.domains)
         if args.difficulty:
             options["difficulty"] = _domain_levels(args.difficulty)
         config = CerlBenchConfig(**{k: v for k, v in options.items() if v is not None})
@@ -196,10 +196,15 @@ def _bench_lm_cerl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    """'a, b,,c' -> ("a", "b", "c"): a comma-separated option's non-empty entries."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _domain_levels(text: str) -> dict[str, int]:
     """'science_qa=1,math=2' -> {"science_qa": 1, "math": 2}; ValueError names a bad entry."""
     levels = {}
-    for item in (part.strip() for part in text.split(",") if part.strip()):
+    for item in _csv(text):
         domain, sep, level = item.partition("=")
         if not sep or not level.strip().isdigit():
             raise ValueError(f"--difficulty entries are DOMAIN=LEVEL, got {item!r}")
@@ -228,9 +233,9 @@ def _bench_lm_vlm(args: argparse.Namespace) -> int:
     }
     try:
         if args.methods:
-            options["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+            options["methods"] = _csv(args.methods)
         if args.tasks:
-            options["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+            options["tasks"] = _csv(args.tasks)
         if args.seeds:
             options["seeds"] = tuple(int(s) for s in args.seeds.split(","))
         config = VLMBenchConfig(**{k: v for k, v in options.items() if v is not None})

@@ -25,11 +25,11 @@ class ConfigError(ValueError):
 
 def require_positive_ints(config: Any, names: tuple[str, ...]) -> None:
     """The range check most `__post_init__`s start with: each named field is an int > 0
-    (a bool is not); ValueError naming the first that is not."""
+    (a bool is not); ValueError naming the class and the first field that is not."""
     for name in names:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive int, got {value!r}")
 
 
 def load_config(

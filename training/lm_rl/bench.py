@@ -27,23 +27,25 @@ import json
 import logging
 import math
 import os
-import shlex
-import shutil
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from runtime.config import require_positive_ints
 from runtime.stats import mean_ci
+from training.lm_rl.bench_runs import (
+    bench_command,
+    budget_train_config,
+    finished,
+    publish,
+    run_jobs,
+    save_result,
+    step_means,
+)
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 METHODS = ("grpo", "mgrpo", "ibpo", "eqlen", "tgc", "internalize")
 
 
@@ -81,10 +83,8 @@ class LMBenchConfig:
             raise ValueError(f"LMBenchConfig.methods has unknown {unknown}; valid: {', '.join(method_names())}")
         if "grpo" not in self.methods:
             raise ValueError("LMBenchConfig.methods must include 'grpo', the baseline every method is compared with")
-        for name in ("sft_steps", "sft_batch_size", "token_budget", "prompts_per_step", "max_new_tokens",
-                     "eval_problems", "evals_per_run", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LMBenchConfig.{name} must be >= 1, got {getattr(self, name)}")
+        require_positive_ints(self, ("sft_steps", "sft_batch_size", "token_budget", "prompts_per_step",
+                                     "max_new_tokens", "eval_problems", "evals_per_run", "workers"))
         if not self.seeds:
             raise ValueError("LMBenchConfig.seeds must not be empty")
 
@@ -129,22 +129,12 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     from training.lm_rl.diagnostics import policy_diagnostics
     from training.lm_rl.models import load_policy_model
     from training.lm_rl.sft import encode_prompt, greedy_accuracy
-    from training.lm_rl.trainer import GRPOTrainer, TrainConfig, list_checkpoints, read_metrics
+    from training.lm_rl.trainer import GRPOTrainer, list_checkpoints, read_metrics
 
     config = LMBenchConfig(**job["config"])
     run_dir = Path(job["run_dir"])
-    steps_bound = 4 * math.ceil(config.token_budget / config.tokens_per_step) + 8
-    eval_every = max(1, math.ceil(config.token_budget / config.tokens_per_step / config.evals_per_run))
-    train_config = TrainConfig(
-        method=job["method"], method_options=config.method_options.get(job["method"], {}),
-        task=config.task, difficulty=config.difficulty, model=job["start"], out_dir=str(run_dir),
-        max_steps=steps_bound, max_generated_tokens=config.token_budget,
-        prompts_per_step=config.prompts_per_step, group_size=config.group_size,
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, lr=config.lr,
-        save_every=eval_every, eval_problems=config.eval_problems, seed=job["seed"], device="cpu", progress=False,
-    )
     started = time.perf_counter()
-    trainer = GRPOTrainer(train_config, resume=bool(list_checkpoints(run_dir)))
+    trainer = GRPOTrainer(budget_train_config(config, job, config.task), resume=bool(list_checkpoints(run_dir)))
     summary = trainer.train()
     start_model, _ = load_policy_model(job["start"])
     prompts = [encode_prompt(trainer.tokenizer, p.prompt) for p in trainer.test_problems]
@@ -153,13 +143,7 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     )
     start_acc = greedy_accuracy(start_model, trainer.tokenizer, trainer.test_problems, config.max_new_tokens)
     records = read_metrics(run_dir)
-    steps = [r for r in records if "charts/reward" in r]
-    method_means = {}
-    for key in sorted({k for r in steps for k in r if k.startswith("method/")}):
-        values = [r[key] for r in steps if key in r and math.isfinite(r[key])]
-        if values:
-            method_means[key.removeprefix("method/")] = sum(values) / len(values)
-    tokens_at_step = {r["step"]: r["charts/generated_tokens_total"] for r in steps}
+    tokens_at_step = {r["step"]: r["charts/generated_tokens_total"] for r in records if "charts/reward" in r}
     curve = [
         {"tokens": tokens_at_step.get(r["step"], 0.0), "accuracy": r["eval/accuracy"]}
         for r in records if "eval/accuracy" in r
@@ -173,11 +157,11 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
         "generated_tokens": summary["generated_tokens"],
         "wall_s": time.perf_counter() - started,
         "eval": {k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/")},
-        "train_means": method_means,
+        "train_means": step_means(records, lambda key: key.startswith("method/")),
         "diagnostics": diagnostics,
         "curve": curve,
     }
-    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    save_result(run_dir, result)
     return result
 
 
@@ -186,22 +170,14 @@ def _run_all(config: LMBenchConfig, out: Path, start: Path) -> list[dict[str, An
     for method in config.methods:
         for seed in config.seeds:
             run_dir = _run_dir(out, method, seed)
-            done = run_dir / RESULT_FILE
-            if done.exists():
-                results.append(json.loads(done.read_text()))
+            done = finished(run_dir)
+            if done is not None:
+                results.append(done)
                 continue
             jobs.append({"config": asdict(config), "method": method, "seed": seed,
                          "run_dir": str(run_dir), "start": str(start)})
-    if jobs:
-        # spawn: a forked torch process with threads already started can deadlock.
-        with ProcessPoolExecutor(max_workers=config.workers, mp_context=get_context("spawn")) as pool:
-            bar = tqdm(total=len(jobs), desc="bench lm runs", dynamic_ncols=True)
-            for result in pool.map(_train_one, jobs):
-                results.append(result)
-                bar.set_postfix(last=f"{result['method']}/s{result['seed']} acc={result['test_acc']:.3f}")
-                bar.update(1)
-            bar.close()
-    return results
+    return results + run_jobs(_train_one, jobs, config.workers, "bench lm runs",
+                              label=lambda r: f"{r['method']}/s{r['seed']} acc={r['test_acc']:.3f}")
 
 
 def _aggregate(config: LMBenchConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -367,7 +343,7 @@ def run_lm_bench(
     summary: dict[str, Any] = {
         "methods": {},
         "config": asdict(config),
-        "command": command or shlex.join(["helmstack", *sys.argv[1:]]),
+        "command": command or bench_command(),
     }
     summary["methods"] = _aggregate(config, results)
     # The start's held-out accuracy on each seed's TEST problems, as the runs measure theirs.
@@ -385,9 +361,5 @@ def run_lm_bench(
     summary["plots"] = [str(p) for p in _plots(summary, results, out)]
     (out / "lm_rl.json").write_text(json.dumps(summary, indent=2))
     (out / "lm_rl.md").write_text(_table(summary))
-    if results_dir is not None:
-        target = Path(results_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("lm_rl.json", "lm_rl.md", "lm_rl_accuracy.png", "lm_rl_curves.png"):
-            shutil.copyfile(out / name, target / name)
+    publish(out, ("lm_rl.json", "lm_rl.md", "lm_rl_accuracy.png", "lm_rl_curves.png"), results_dir)
     return summary

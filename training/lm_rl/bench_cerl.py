@@ -31,25 +31,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
-import shutil
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from runtime.config import require_positive_ints
 from runtime.stats import mean_ci
+from training.lm_rl.bench_runs import bench_command, finished, publish, run_jobs, save_result, write_json_atomically
 from training.lm_rl.erasure import DEFAULT_DIFFICULTY, DOMAINS, FOLLOWUP_TOKENS, check_domains
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("sft", "grpo", "long_sft", "cerl")
-RESULT_FILE = "result.json"
+OUTPUTS = ("cerl.json", "cerl.md", "cerl.png")
 REPORTED = ("acc_keep", "acc_erased", "flip_rate", "reverse_flip_rate", "acc_answer", "malformed_rate")
 
 
@@ -87,11 +82,8 @@ class CerlBenchConfig:
             level = self.difficulty.get(domain, DEFAULT_DIFFICULTY[domain])
             if isinstance(level, bool) or not isinstance(level, int) or level < 1:
                 raise ValueError(f"CerlBenchConfig.difficulty[{domain!r}] must be an int >= 1, got {level!r}")
-        for name in ("sft_steps", "sft_batch_size", "long_sft_steps", "rl_steps", "prompts_per_step",
-                     "followup_tokens", "eval_problems", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CerlBenchConfig.{name} must be an int >= 1, got {value!r}")
+        require_positive_ints(self, ("sft_steps", "sft_batch_size", "long_sft_steps", "rl_steps", "prompts_per_step",
+                                     "followup_tokens", "eval_problems", "workers"))
         if self.group_size < 2:
             raise ValueError(f"CerlBenchConfig.group_size must be >= 2, got {self.group_size}")
         for name in ("sft_lr", "long_sft_lr", "lr", "temperature"):
@@ -189,27 +181,8 @@ def _run_job(job: dict[str, Any]) -> dict[str, Any]:
         **{key: stats[key] for key in REPORTED}, "protocol": stats,
         "generated_tokens": generated_tokens, "wall_s": time.perf_counter() - started,
     }
-    staging = run_dir / f".{RESULT_FILE}.tmp"
-    staging.write_text(json.dumps(result, indent=2))
-    os.replace(staging, run_dir / RESULT_FILE)
+    save_result(run_dir, result)
     return result
-
-
-def _pool_map(workers: int, fn: Any, jobs: list[dict[str, Any]], desc: str) -> list[Any]:
-    if not jobs:
-        return []
-    if workers == 1:
-        # One worker: run in this process (no interpreter start-up per job).
-        return [fn(job) for job in tqdm(jobs, desc=desc, dynamic_ncols=True)]
-    results = []
-    # spawn: a forked torch process with threads already started can deadlock.
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-        bar = tqdm(total=len(jobs), desc=desc, dynamic_ncols=True)
-        for result in pool.map(fn, jobs):
-            results.append(result)
-            bar.update(1)
-        bar.close()
-    return results
 
 
 def _aggregate(config: CerlBenchConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -296,28 +269,29 @@ def run_cerl_bench(
     started = time.perf_counter()
     config_dict = asdict(config)
     starts = {domain: out / domain / "start" for domain in config.domains}
-    _pool_map(config.workers, _start_job,
-              [{"config": config_dict, "domain": d, "start": str(s)} for d, s in starts.items()
-               if not (s / "config.json").exists()], "cerl sft starts")
+    run_jobs(_start_job, [{"config": config_dict, "domain": d, "start": str(s)} for d, s in starts.items()
+                          if not (s / "config.json").exists()], config.workers, "cerl sft starts")
     budgets = {domain: _budget(config, domain) for domain in config.domains}
     jobs, results = [], []
     for domain in config.domains:
         for method in METHODS:
             for seed in config.seeds:
                 run_dir = out / domain / f"{method}-seed{seed}"
-                if (run_dir / RESULT_FILE).exists():
-                    results.append(json.loads((run_dir / RESULT_FILE).read_text()))
+                done = finished(run_dir)
+                if done is not None:
+                    results.append(done)
                     continue
                 jobs.append({"config": config_dict, "domain": domain, "method": method, "seed": seed,
                              "start": str(starts[domain]), "run_dir": str(run_dir), "budget": budgets[domain]})
     # Longest first (RL runs), so the two workers finish close together.
     order = {"cerl": 0, "grpo": 1, "long_sft": 2, "sft": 3}
     jobs.sort(key=lambda j: order[j["method"]])
-    results += _pool_map(config.workers, _run_job, jobs, "cerl runs")
+    results += run_jobs(_run_job, jobs, config.workers, "cerl runs",
+                        label=lambda r: f"{r['domain']}/{r['method']}/s{r['seed']} erased={r['acc_erased']:.3f}")
     summary: dict[str, Any] = {
         "domains": _aggregate(config, results),
         "config": {**config_dict, "max_new_tokens": budgets},
-        "command": command or shlex.join(["helmstack", *sys.argv[1:]]),
+        "command": command or bench_command(),
         "wall_s": time.perf_counter() - started,
     }
     starts_meta = {}
@@ -327,14 +301,8 @@ def run_cerl_bench(
             starts_meta[domain] = json.loads(metrics_file.read_text())
     summary["sft_start"] = starts_meta
     summary["plot"] = str(_plot(summary, out / "cerl.png"))
-    staging = out / ".cerl.json.tmp"
-    staging.write_text(json.dumps(summary, indent=2))
-    os.replace(staging, out / "cerl.json")
+    write_json_atomically(out / "cerl.json", summary)
     (out / "cerl.md").write_text(_table(summary))
-    if results_dir is not None:
-        target = Path(results_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in ("cerl.json", "cerl.md", "cerl.png"):
-            shutil.copyfile(out / name, target / name)
+    publish(out, OUTPUTS, results_dir)
     logger.info("cerl suite done in %.0f s", summary["wall_s"])
     return summary

@@ -21,25 +21,26 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import shlex
-import shutil
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from runtime.config import require_positive_ints
 from runtime.stats import mean_ci
+from training.lm_rl.bench_runs import (
+    bench_command,
+    budget_train_config,
+    finished,
+    publish,
+    run_jobs,
+    save_result,
+    step_means,
+)
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 START_METRICS = "start_metrics.json"
 TASKS = ("shape_count", "bar_compare", "table_read")
 METHODS = ("grpo", "difference_feedback")
@@ -87,11 +88,8 @@ class VLMBenchConfig:
             raise ValueError("VLMBenchConfig.methods must include 'grpo', the baseline")
         if not self.seeds:
             raise ValueError("VLMBenchConfig.seeds must not be empty")
-        for name in ("difficulty", "sft_steps", "sft_batch_size", "token_budget", "prompts_per_step",
-                     "max_new_tokens", "eval_problems", "evals_per_run", "workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"VLMBenchConfig.{name} must be an int >= 1, got {value!r}")
+        require_positive_ints(self, ("difficulty", "sft_steps", "sft_batch_size", "token_budget", "prompts_per_step",
+                                     "max_new_tokens", "eval_problems", "evals_per_run", "workers"))
         if self.group_size < 2:
             raise ValueError(f"VLMBenchConfig.group_size must be >= 2, got {self.group_size}")
         if not 0.0 <= self.hint_fraction <= 1.0:
@@ -142,23 +140,13 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)  # parallelism comes from the worker processes
-    from training.lm_rl.trainer import GRPOTrainer, TrainConfig, list_checkpoints, read_metrics
+    from training.lm_rl.trainer import GRPOTrainer, list_checkpoints, read_metrics
     from training.lm_rl.vlm.policy import load_any_policy, vlm_greedy_accuracy
 
     config = VLMBenchConfig(**job["config"])
     run_dir = Path(job["run_dir"])
-    steps_bound = 4 * math.ceil(config.token_budget / config.tokens_per_step) + 8
-    eval_every = max(1, math.ceil(config.token_budget / config.tokens_per_step / config.evals_per_run))
-    train_config = TrainConfig(
-        method=job["method"], method_options=config.method_options.get(job["method"], {}),
-        task=job["task"], difficulty=config.difficulty, model=job["start"], out_dir=str(run_dir),
-        max_steps=steps_bound, max_generated_tokens=config.token_budget,
-        prompts_per_step=config.prompts_per_step, group_size=config.group_size,
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, lr=config.lr,
-        save_every=eval_every, eval_problems=config.eval_problems, seed=job["seed"], device="cpu", progress=False,
-    )
     started = time.perf_counter()
-    trainer = GRPOTrainer(train_config, resume=bool(list_checkpoints(run_dir)))
+    trainer = GRPOTrainer(budget_train_config(config, job, job["task"]), resume=bool(list_checkpoints(run_dir)))
     summary = trainer.train()
     start_acc = None
     if job["method"] == "grpo":
@@ -166,12 +154,7 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
         start_model, _, vision = load_any_policy(job["start"])
         start_acc = vlm_greedy_accuracy(start_model, vision, trainer.test_problems, config.max_new_tokens)[
             "eval/accuracy"]
-    steps = [r for r in read_metrics(run_dir) if "charts/reward" in r]
-    means = {}
-    for key in sorted({k for r in steps for k in r if k.startswith("method/")} | {"charts/accuracy"}):
-        values = [r[key] for r in steps if key in r and math.isfinite(r[key])]
-        if values:
-            means[key.split("/", 1)[1]] = sum(values) / len(values)
+    means = step_means(read_metrics(run_dir), lambda key: key.startswith("method/") or key == "charts/accuracy")
     result = {
         "task": job["task"],
         "method": job["method"],
@@ -184,13 +167,8 @@ def _train_one(job: dict[str, Any]) -> dict[str, Any]:
         "eval": {k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/")},
         "train_means": means,
     }
-    (run_dir / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    save_result(run_dir, result)
     return result
-
-
-def _pool(config: VLMBenchConfig) -> ProcessPoolExecutor:
-    # spawn: a forked torch process with threads already started can deadlock.
-    return ProcessPoolExecutor(max_workers=config.workers, mp_context=get_context("spawn"))
 
 
 def _warm_starts(config: VLMBenchConfig, out: Path) -> dict[str, dict[str, Any]]:
@@ -202,12 +180,9 @@ def _warm_starts(config: VLMBenchConfig, out: Path) -> dict[str, dict[str, Any]]
             done[task] = json.loads(metrics.read_text())
             continue
         jobs.append({"config": asdict(config), "task": task, "start": str(start), "metrics": str(metrics)})
-    if jobs:
-        (out / "starts").mkdir(parents=True, exist_ok=True)
-        with _pool(config) as pool:
-            for record in tqdm(pool.map(_warm_start_one, jobs), total=len(jobs), desc="vlm warm starts",
-                               dynamic_ncols=True):
-                done[record.pop("task")] = record
+    (out / "starts").mkdir(parents=True, exist_ok=True)
+    for record in run_jobs(_warm_start_one, jobs, config.workers, "vlm warm starts"):
+        done[record.pop("task")] = record
     return done
 
 
@@ -217,21 +192,14 @@ def _runs(config: VLMBenchConfig, out: Path) -> list[dict[str, Any]]:
         for task in config.tasks:
             for method in config.methods:
                 run_dir = _run_dir(out, task, method, seed)
-                if (run_dir / RESULT_FILE).exists():
-                    results.append(json.loads((run_dir / RESULT_FILE).read_text()))
+                done = finished(run_dir)
+                if done is not None:
+                    results.append(done)
                     continue
                 jobs.append({"config": asdict(config), "task": task, "method": method, "seed": seed,
                              "run_dir": str(run_dir), "start": str(_start_dir(out, task))})
-    if jobs:
-        with _pool(config) as pool:
-            bar = tqdm(total=len(jobs), desc="vlm runs", dynamic_ncols=True)
-            for result in pool.map(_train_one, jobs):
-                results.append(result)
-                bar.set_postfix(last=f"{result['task']}/{result['method']}/s{result['seed']} "
-                                     f"acc={result['test_acc']:.3f}")
-                bar.update(1)
-            bar.close()
-    return results
+    return results + run_jobs(_train_one, jobs, config.workers, "vlm runs",
+                              label=lambda r: f"{r['task']}/{r['method']}/s{r['seed']} acc={r['test_acc']:.3f}")
 
 
 def aggregate(config: VLMBenchConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -352,16 +320,12 @@ def run_vlm_bench(
         **aggregate(config, results),
         "sft": starts,
         "config": asdict(config),
-        "command": command or shlex.join(["helmstack", *sys.argv[1:]]),
+        "command": command or bench_command(),
         "runs": sorted(results, key=lambda r: (r["task"], r["method"], r["seed"])),
     }
     summary["wall_s_this_invocation"] = time.perf_counter() - started
     (out / "vlm.json").write_text(json.dumps(summary, indent=2))
     (out / "vlm.md").write_text(table(summary))
     plot(summary, out / "vlm_accuracy.png")
-    if results_dir is not None:
-        target = Path(results_dir)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in OUTPUTS:
-            shutil.copyfile(out / name, target / name)
+    publish(out, OUTPUTS, results_dir)
     return summary

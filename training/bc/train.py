@@ -49,7 +49,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ from training.bc.model import (
     write_policy_files,
 )
 from training.run_files import (
+    check_resumable,
     checkpoint_path,
     commit_checkpoint,
     list_checkpoints,
@@ -94,6 +95,7 @@ from training.run_files import (
     replace_dir,
     staging_path,
     truncate_records,
+    warmup_cosine,
 )
 
 logger = logging.getLogger(__name__)
@@ -174,15 +176,6 @@ class BCTrainConfig:
 
 # Settings a resumed run may change: they do not alter what has been learned so far.
 RESUMABLE_CHANGES = ("out_dir", "max_steps", "eval_every", "save_every", "keep_checkpoints", "num_threads", "progress")
-
-
-def lr_factor(step: int, config: BCTrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to min_lr_ratio at max_steps."""
-    warmup = min(config.warmup_steps, config.max_steps // 10)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, config.max_steps - warmup))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class BCTrainer:
@@ -297,27 +290,8 @@ class BCTrainer:
                 refused.append(f"{directory.name}: {exc}")
                 logger.warning("not resuming from %s: %s", directory, exc)
                 continue
-            saved = checkpoint.training.get("train_config", {})
-            current = asdict(self.config)
-            # A field the run did not save did not exist yet: it ran with the field's default.
-            defaults = {f.name: f.default for f in fields(BCTrainConfig) if f.default is not MISSING}
-            saved = {**{k: _jsonable(v) for k, v in defaults.items() if k not in saved}, **saved}
-            changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and _jsonable(current[k]) != saved.get(k))
-            if changed:
-                raise ValueError(
-                    f"{directory}: cannot resume with different {', '.join(f'{k} (was {saved.get(k)!r}, now {current[k]!r})' for k in changed)}; "
-                    f"use a new out_dir or the original settings"
-                )
-            saved_data = checkpoint.training.get("data", {}).get("fingerprint")
-            if saved_data != self.data_info["fingerprint"]:
-                raise ValueError(
-                    f"{directory}: the demonstrations in {self.config.data_dir} were generated with other settings "
-                    f"(fingerprint {self.data_info['fingerprint']}, the run was trained on {saved_data}); use a new out_dir"
-                )
-            if saved.get("max_steps") != self.config.max_steps:
-                logger.warning(
-                    "max_steps changed from %s to %s: the learning-rate schedule is stretched from here on", saved.get("max_steps"), self.config.max_steps
-                )
+            check_resumable(directory, self.config, checkpoint.training.get("train_config", {}), RESUMABLE_CHANGES,
+                            self.data_info["fingerprint"], checkpoint.training.get("data", {}).get("fingerprint"))
             self.net.load_state_dict(checkpoint.net.state_dict())
             self.stats = checkpoint.stats
             self.optimizer.load_state_dict(optimizer_state)
@@ -336,7 +310,7 @@ class BCTrainer:
         cfg = self.config
         self.net.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(self.step, cfg)
+            group["lr"] = cfg.lr * warmup_cosine(self.step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         pick = torch.randint(len(self.train_index), (cfg.batch_size,), generator=self.generator)
         rows = self.train_index[pick]
         start = time.perf_counter()
@@ -430,11 +404,6 @@ class BCTrainer:
             "checkpoint": str(checkpoints[-1]) if checkpoints else None,
             "policy": str(self.out_dir / BEST_DIR) if (self.out_dir / BEST_DIR).exists() else None,
         }
-
-
-def _jsonable(value: Any) -> Any:
-    """A config value as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(value))
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

@@ -71,14 +71,17 @@ from training.bc.demos import ShardError, load_manifest
 from training.encoder.dataset import FrameSet, frames_from_demos, split_by_episode
 from training.encoder.retrieval import recall_at, retrieval_ranks, suite_subgoals
 from training.run_files import (
+    check_resumable,
     checkpoint_path,
     commit_checkpoint,
+    jsonable,
     list_checkpoints,
     log_record,
     read_records,
     replace_dir,
     staging_path,
     truncate_records,
+    warmup_cosine,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,22 +154,9 @@ class EncoderTrainConfig:
 RESUMABLE_CHANGES = ("out_dir", "max_steps", "eval_every", "save_every", "keep_checkpoints", "num_threads", "progress", "val_max_frames")
 
 
-def lr_factor(step: int, config: EncoderTrainConfig) -> float:
-    """Linear warm-up to 1, then cosine decay to min_lr_ratio at max_steps."""
-    warmup = min(config.warmup_steps, config.max_steps // 10)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, config.max_steps - warmup))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _no_decay(name: str, parameter: torch.Tensor) -> bool:
     """open_clip's rule: gains, biases, norms and the logit scale are not decayed."""
     return parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
 
 
 def data_fingerprint(manifest: dict[str, Any]) -> str:
@@ -286,7 +276,7 @@ class EncoderTrainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         self.model.train()
-        lr = cfg.lr * lr_factor(self.step, cfg)
+        lr = cfg.lr * warmup_cosine(self.step, cfg.max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         rows = self.sample_batch()
@@ -359,7 +349,7 @@ class EncoderTrainer:
     def _open_clip_config(self) -> dict[str, Any]:
         cfg = dict(self.preprocess_cfg)
         cfg["size"] = list(cfg["size"]) if isinstance(cfg["size"], (tuple, list)) else cfg["size"]
-        return {"model_name": self.config.model_name, "model_cfg": self.model_cfg, "preprocess_cfg": _jsonable(cfg)}
+        return {"model_name": self.config.model_name, "model_cfg": self.model_cfg, "preprocess_cfg": jsonable(cfg)}
 
     def _weights(self, with_optimizer: bool) -> dict[str, Any]:
         """open_clip's training-script checkpoint dict (plus the step and model name)."""
@@ -417,22 +407,8 @@ class EncoderTrainer:
                 refused.append(f"{directory.name}: {exc}")
                 logger.warning("not resuming from %s: %s", directory, exc)
                 continue
-            saved = info.get("train_config", {})
-            current = asdict(self.config)
-            changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and _jsonable(current[k]) != saved.get(k))
-            if changed:
-                raise ValueError(
-                    f"{directory}: cannot resume with different {', '.join(f'{k} (was {saved.get(k)!r}, now {current[k]!r})' for k in changed)}; "
-                    f"use a new out_dir or the original settings"
-                )
-            saved_data = info.get("data", {}).get("fingerprint")
-            if saved_data != self.data_info["fingerprint"]:
-                raise ValueError(
-                    f"{directory}: the demonstrations in {self.config.data_dir} differ from those the run was trained on "
-                    f"(fingerprint {self.data_info['fingerprint']}, was {saved_data}); use a new out_dir"
-                )
-            if saved.get("max_steps") != self.config.max_steps:
-                logger.warning("max_steps changed from %s to %s: the learning-rate schedule is stretched from here on", saved.get("max_steps"), self.config.max_steps)
+            check_resumable(directory, self.config, info.get("train_config", {}), RESUMABLE_CHANGES,
+                            self.data_info["fingerprint"], info.get("data", {}).get("fingerprint"))
             self.model.load_state_dict(weights["state_dict"])
             self.optimizer.load_state_dict(weights["optimizer"])
             self.generator.set_state(state["generator"])

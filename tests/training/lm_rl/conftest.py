@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ import torch
 from training.lm_rl.methods import RolloutContext
 from training.lm_rl.models import build_tiny_model
 from training.lm_rl.rollout import SamplingConfig
-from training.lm_rl.sft import encode_prompt
+from training.lm_rl.sft import collate_right_padded, encode_prompt
+
+Examples = Callable[[Any], list[tuple[list[int], list[int]]]]
 
 
 def _parity(completions: list[str]) -> list[float]:
@@ -45,3 +48,29 @@ def newline_heavy_context() -> Callable[..., RolloutContext]:
         )
 
     return build
+
+
+@pytest.fixture(scope="session")
+def memorise() -> Callable[..., tuple[torch.nn.Module, Any]]:
+    """Factory of real TinyLMs (seed 0) trained on a few examples until they reproduce them.
+
+    `examples(tokenizer)` gives the (input ids, labels) pairs; AdamW steps until the loss is
+    under 0.01, at most `steps`.
+    """
+
+    def fit(examples: Examples, steps: int = 300) -> tuple[torch.nn.Module, Any]:
+        model, tokenizer = build_tiny_model(seed=0)
+        ids, labels = collate_right_padded(examples(tokenizer), tokenizer.pad_token_id)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            loss = model(input_ids=ids, labels=labels).loss
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            if loss.item() < 0.01:
+                break
+        model.eval()
+        return model, tokenizer
+
+    return fit

@@ -17,7 +17,7 @@ from training.lm_rl.methods import RolloutContext, get_method
 from training.lm_rl.methods.cerl import cerl_reward
 from training.lm_rl.models import build_tiny_model
 from training.lm_rl.rollout import SamplingConfig
-from training.lm_rl.sft import collate_right_padded, encode_prompt
+from training.lm_rl.sft import encode_prompt
 from training.lm_rl.tasks import get_task, make_split
 from training.lm_rl.trainer import GRPOTrainer, TrainConfig, read_metrics
 
@@ -72,24 +72,6 @@ def test_method_options_are_validated(options: dict, message: str) -> None:
         get_method("cerl", **options)
 
 
-def _memorised(long_state: bool):
-    """A real TinyLM trained on PROBLEM's committed examples until it reproduces them."""
-    model, tokenizer = build_tiny_model(seed=0)
-    ids, labels = collate_right_padded(committed_sft_examples(tokenizer, PROBLEM, long_state=long_state),
-                                       tokenizer.pad_token_id)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(300):
-        loss = model(input_ids=ids, labels=labels).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
-    return model, tokenizer
-
-
 def _context(model, tokenizer) -> RolloutContext:
     def score(texts, problems):
         correct = torch.tensor([float(get_task(p.task).verify(p, t)) for t, p in zip(texts, problems)])
@@ -102,8 +84,8 @@ def _context(model, tokenizer) -> RolloutContext:
     )
 
 
-def test_groups_reward_the_sufficient_state_and_advantages_sit_on_the_completion() -> None:
-    model, tokenizer = _memorised(long_state=True)
+def test_groups_reward_the_sufficient_state_and_advantages_sit_on_the_completion(memorise) -> None:
+    model, tokenizer = memorise(lambda tokenizer: committed_sft_examples(tokenizer, PROBLEM, long_state=True))
     method = get_method("cerl")
     batch = method.build_groups(_context(model, tokenizer), [PROBLEM])
     assert batch.texts == [LONG, LONG]

@@ -22,7 +22,6 @@ from training.lm_rl.methods.difference_feedback import (
 )
 from training.lm_rl.methods.internalize import valid_tokens
 from training.lm_rl.rollout import SamplingConfig, sequence_logprobs
-from training.lm_rl.sft import encode_prompt
 from training.lm_rl.tasks import make_split
 from training.lm_rl.tokenizer import build_tokenizer
 from training.lm_rl.vlm.models import TINY_VLM, load_vlm

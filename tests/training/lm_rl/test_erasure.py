@@ -17,7 +17,7 @@ from runtime.stats import wilson_interval
 from training.lm_rl.committed import committed_sft_examples
 from training.lm_rl.erasure import erasure_statistics, evaluate_erasure, probe_followups, run_erasure_eval
 from training.lm_rl.models import build_tiny_model
-from training.lm_rl.sft import collate_right_padded, encode_prompt, save_atomically
+from training.lm_rl.sft import encode_prompt, save_atomically
 from training.lm_rl.tasks import make_split
 
 torch.set_num_threads(1)
@@ -49,29 +49,11 @@ def test_statistics_with_empty_denominators_report_zero_not_nan() -> None:
         erasure_statistics([True], [True, False])
 
 
-def _memorised(problem, long_state: bool):
-    """A real TinyLM trained on one problem's committed-format examples until it reproduces them."""
-    model, tokenizer = build_tiny_model(seed=0)
-    examples = committed_sft_examples(tokenizer, problem, long_state=long_state)
-    ids, labels = collate_right_padded(examples, tokenizer.pad_token_id)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(300):
-        loss = model(input_ids=ids, labels=labels).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
-    return model, tokenizer
-
-
-def test_protocol_measures_dependence_on_thoughts() -> None:
+def test_protocol_measures_dependence_on_thoughts(memorise) -> None:
     # The model commits only the answer; the follow-up's value (step 1) lives in its thoughts.
     problem = make_split("math_followup", "test", 1, 2, seed=0)[0]
     assert problem.meta["followup_answer"] != problem.answer
-    model, tokenizer = _memorised(problem, long_state=False)
+    model, tokenizer = memorise(lambda tokenizer: committed_sft_examples(tokenizer, problem, long_state=False))
     stats = evaluate_erasure(model, tokenizer, [problem])
     assert stats["acc_answer"] == 1.0 and stats["malformed_rate"] == 0.0
     assert stats["acc_keep"] == 1.0  # it reads the value from its thoughts ...

@@ -7,7 +7,7 @@ import torch
 from training.lm_rl.committed import RESULT_CLOSE, RESULT_OPEN, tool_result_mask
 from training.lm_rl.models import build_tiny_model
 from training.lm_rl.rollout import SamplingConfig
-from training.lm_rl.sft import collate_right_padded, encode_prompt
+from training.lm_rl.sft import encode_prompt
 from training.lm_rl.tasks import get_task, make_split
 from training.lm_rl.tool_env import (
     Calculator,
@@ -109,37 +109,28 @@ def test_env_respond_reads_only_the_current_call_and_caps_results() -> None:
         ToolEnv({"not a name": Calculator()})
 
 
-def _memorise(text_after_prompt: str, prompt: str, steps: int = 400) -> tuple[torch.nn.Module, object]:
-    """A real TinyLM trained to reproduce one completion; the tool results are in its context
-    but not its labels (the environment writes them)."""
-    model, tokenizer = build_tiny_model(seed=0)
-    prompt_ids = encode_prompt(tokenizer, prompt)
-    completion = tokenizer(text_after_prompt, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    environment = tool_result_mask(completion, tokenizer)
-    labels = [-100 if env else token for token, env in zip(completion, environment)]
-    ids, labels = collate_right_padded([(prompt_ids + completion, [-100] * len(prompt_ids) + labels)],
-                                       tokenizer.pad_token_id)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=labels).loss
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if loss.item() < 0.01:
-            break
-    model.eval()
-    return model, tokenizer
+def _tool_episode(text_after_prompt: str, prompt: str):
+    """Examples of one episode: the tool results are in the context but not the labels (the
+    environment writes them)."""
+
+    def examples(tokenizer):
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        completion = tokenizer(text_after_prompt, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        environment = tool_result_mask(completion, tokenizer)
+        labels = [-100 if env else token for token, env in zip(completion, environment)]
+        return [(prompt_ids + completion, [-100] * len(prompt_ids) + labels)]
+
+    return examples
 
 
 @pytest.fixture(scope="module")
-def scripted() -> tuple[torch.nn.Module, object, str]:
+def scripted(memorise) -> tuple[torch.nn.Module, object, str]:
     # The memorised episode holds a division by zero, a malformed call and a good call, and
     # every result the environment will append; what follows each result is the model's own.
     text = ("<call>calc: 1/0</call><result>error: division by zero</result>\n"
             "<call>x</call><result>error: malformed call, expected 'NAME: ARGUMENT'</result>\n"
             "<call>calc: 2+3</call><result>5</result>\nAnswer: 5")
-    model, tokenizer = _memorise(text, "Q")
+    model, tokenizer = memorise(_tool_episode(text, "Q"), steps=400)
     return model, tokenizer, text
 
 

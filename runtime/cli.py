@@ -179,7 +179,7 @@ def _bench_lm_cerl(args: argparse.Namespace) -> int:
         return _fail_setup(f"{', '.join(foreign)} belong(s) to --suite methods, not --suite cerl")
     options: dict[str, object] = {
         "sft_steps": args.sft_steps, "eval_problems": args.eval_problems, "workers": args.workers,
-        "rl_steps": args.rl_steps,
+        "rl_steps": args.rl_steps, "lr": args.lr,
     }
     try:
         if args.seeds:
@@ -229,7 +229,7 @@ def _bench_lm_vlm(args: argparse.Namespace) -> int:
         return _fail_setup(f"{', '.join(foreign)} do(es) not apply to --suite vlm")
     options: dict[str, object] = {
         "token_budget": args.token_budget, "sft_steps": args.sft_steps, "eval_problems": args.eval_problems,
-        "workers": args.workers,
+        "workers": args.workers, "lr": args.lr,
     }
     try:
         if args.methods:
@@ -264,7 +264,7 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     options: dict[str, object] = {
         "token_budget": args.token_budget, "sft_steps": args.sft_steps, "eval_problems": args.eval_problems,
-        "workers": args.workers, "throughput_repeats": args.throughput_repeats,
+        "workers": args.workers, "throughput_repeats": args.throughput_repeats, "lr": args.lr,
     }
     if args.methods:
         options["methods"] = tuple(m.strip() for m in args.methods.split(","))
@@ -427,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_lm.add_argument("--sft-steps", type=int, help="SFT warm-start steps of the shared start")
     bench_lm.add_argument("--eval-problems", type=int, help="held-out TEST problems per evaluation")
     bench_lm.add_argument("--workers", type=int, help="parallel runs (one torch thread each)")
+    bench_lm.add_argument("--lr", type=float, help="learning rate of the RL runs (every method of the suite)")
     bench_lm.add_argument("--throughput-repeats", type=int, help="timed steps per trainer in the TRL comparison")
     bench_lm.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M runs")
     bench_lm.add_argument("--suite", choices=("methods", *BENCH_LM_SUITES), default="methods",

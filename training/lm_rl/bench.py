@@ -87,6 +87,9 @@ class LMBenchConfig:
                                      "max_new_tokens", "eval_problems", "evals_per_run", "workers"))
         if not self.seeds:
             raise ValueError("LMBenchConfig.seeds must not be empty")
+        for name in ("sft_lr", "lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"LMBenchConfig.{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def tokens_per_step(self) -> int:

@@ -63,4 +63,8 @@ def test_cli_suite_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["bench", "lm", "--suite", "vlm", "--out", str(tmp_path), "--rl-steps", "3"]) == 2
     assert "--rl-steps" in capsys.readouterr().err
     assert main(["bench", "lm", "--suite", "vlm", "--out", str(tmp_path), "--seeds", "a"]) == 2
+    # --lr reaches every suite's config, which refuses a rate that is not > 0
+    for suite in ("vlm", "cerl", "methods"):
+        assert main(["bench", "lm", "--suite", suite, "--out", str(tmp_path), "--lr", "0"]) == 2
+        assert "lr must be > 0" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

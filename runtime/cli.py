@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_lm.add_argument("--tasks", help="vlm suite: comma-separated visual tasks (shape_count,bar_compare,table_read)")
     bench_lm.add_argument("--domains", help="cerl suite: comma-separated domains (math,logic,science_qa,tool_use)")
     bench_lm.add_argument("--rl-steps", type=int, help="cerl suite: RL steps per grpo/cerl run")
-    bench_lm.add_argument("--difficulty", help="cerl suite: DOMAIN=LEVEL,... (default math=2,logic=1,science_qa=2,tool_use=2)")
+    bench_lm.add_argument("--difficulty", help="cerl suite: DOMAIN=LEVEL,... (default math=2,logic=1,science_qa=1,tool_use=2)")
     bench_lm.set_defaults(func=cmd_bench_lm)
 
     convert = sub.add_parser("convert", help="turn a shipped pretrained model into a trainable checkpoint")

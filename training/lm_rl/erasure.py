@@ -42,7 +42,8 @@ DOMAINS: dict[str, str] = {
     "science_qa": "science_qa",
     "tool_use": "tool_use",
 }
-DEFAULT_DIFFICULTY: dict[str, int] = {"math": 2, "logic": 1, "science_qa": 2, "tool_use": 2}
+# science_qa at 1 (2 hops): the level where a 2,000-step TinyLM start answers at all (docs/cerl.md).
+DEFAULT_DIFFICULTY: dict[str, int] = {"math": 2, "logic": 1, "science_qa": 1, "tool_use": 2}
 FOLLOWUP_TOKENS = 16
 RESULT_FILE = "erasure.json"
 PLOT_FILE = "erasure.png"

@@ -37,6 +37,7 @@ from runtime.stats import mean_ci
 from training.lm_rl.bench_runs import (
     bench_command,
     budget_train_config,
+    clip_to_unit,
     finished,
     publish,
     run_jobs,
@@ -184,7 +185,7 @@ def _run_all(config: LMBenchConfig, out: Path, start: Path) -> list[dict[str, An
 
 
 def _aggregate(config: LMBenchConfig, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per method: test accuracy over seeds with a Student-t 95% CI, diagnostics and method metrics."""
+    """Per method: test accuracy over seeds with a Student-t 95% CI (cut to [0, 1]), diagnostics and method metrics."""
     methods: dict[str, Any] = {}
     for method in config.methods:
         runs = sorted((r for r in results if r["method"] == method), key=lambda r: r["seed"])
@@ -192,7 +193,7 @@ def _aggregate(config: LMBenchConfig, results: list[dict[str, Any]]) -> dict[str
             continue
         acc = mean_ci([r["test_acc"] for r in runs])
         entry: dict[str, Any] = {
-            "test_acc": {"mean": acc["mean"], "ci95": acc["ci95"], "seeds": acc["values"]},
+            "test_acc": {"mean": acc["mean"], "ci95": clip_to_unit(acc["ci95"]), "seeds": acc["values"]},
             "seeds": [r["seed"] for r in runs],
             "generated_tokens": mean_ci([r["generated_tokens"] for r in runs])["mean"],
             "steps": mean_ci([r["steps"] for r in runs])["mean"],
@@ -351,7 +352,8 @@ def run_lm_bench(
     summary["methods"] = _aggregate(config, results)
     # The start's held-out accuracy on each seed's TEST problems, as the runs measure theirs.
     start_acc = mean_ci([r["start_test_acc"] for r in results if r["method"] == "grpo"])
-    summary["start"] = {"test_acc": {"mean": start_acc["mean"], "ci95": start_acc["ci95"], "seeds": start_acc["values"]},
+    summary["start"] = {"test_acc": {"mean": start_acc["mean"], "ci95": clip_to_unit(start_acc["ci95"]),
+                                     "seeds": start_acc["values"]},
                         "sft": start_metrics}
     summary["throughput"] = measure_throughput(
         model=str(start), task=config.task, difficulty=config.difficulty,

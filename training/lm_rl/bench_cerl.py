@@ -39,7 +39,15 @@ from typing import Any
 
 from runtime.config import require_positive_ints
 from runtime.stats import mean_ci
-from training.lm_rl.bench_runs import bench_command, finished, publish, run_jobs, save_result, write_json_atomically
+from training.lm_rl.bench_runs import (
+    bench_command,
+    clip_to_unit,
+    finished,
+    publish,
+    run_jobs,
+    save_result,
+    write_json_atomically,
+)
 from training.lm_rl.erasure import DEFAULT_DIFFICULTY, DOMAINS, FOLLOWUP_TOKENS, check_domains
 
 logger = logging.getLogger(__name__)
@@ -201,7 +209,7 @@ def _aggregate(config: CerlBenchConfig, results: list[dict[str, Any]]) -> dict[s
                 row[key] = stats["mean"]
                 row[f"seeds_{key}"] = stats["values"]
                 if key == "acc_erased":
-                    row["ci95_acc_erased"] = [max(0.0, stats["ci95"][0]), min(1.0, stats["ci95"][1])]
+                    row["ci95_acc_erased"] = clip_to_unit(stats["ci95"])
             row["seeds"] = [r["seed"] for r in runs]
             row["eval_problems_per_seed"] = runs[0]["protocol"]["n"]
             row["generated_tokens"] = mean_ci([r["generated_tokens"] for r in runs])["mean"]

@@ -102,6 +102,11 @@ def budget_train_config(config: Any, job: dict[str, Any], task: str) -> Any:
     )
 
 
+def clip_to_unit(ci95: list[float]) -> list[float]:
+    """A Student-t interval of a fraction, cut to [0, 1] (with 3 seeds it can reach past both)."""
+    return [max(0.0, ci95[0]), min(1.0, ci95[1])]
+
+
 def step_means(records: Iterable[dict[str, Any]], keys: Callable[[str], bool]) -> dict[str, float]:
     """Mean over a run's training-step records of each finite metric whose name `keys` accepts;
     the name loses its "group/" prefix ("method/flip_rate" -> "flip_rate")."""

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 from training.lm_rl.bench import LMBenchConfig
-from training.lm_rl.bench_runs import budget_train_config, finished, publish, run_jobs, save_result, step_means
+from training.lm_rl.bench_runs import (
+    budget_train_config,
+    clip_to_unit,
+    finished,
+    publish,
+    run_jobs,
+    save_result,
+    step_means,
+)
 
 
 def _square(job: dict) -> dict:
@@ -58,3 +66,8 @@ def test_publish_copies_outputs_only_when_asked(tmp_path: Path) -> None:
     assert (tmp_path / "results" / "a.json").read_text() == "{}"
     with pytest.raises(FileNotFoundError):
         publish(tmp_path, ["missing.png"], tmp_path / "results")
+
+
+def test_accuracy_intervals_are_cut_to_fractions() -> None:
+    assert clip_to_unit([-0.092, 0.239]) == [0.0, 0.239]
+    assert clip_to_unit([0.8, 1.3]) == [0.8, 1.0]

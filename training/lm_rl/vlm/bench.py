@@ -10,7 +10,7 @@ skips finished work and resumes unfinished training runs from their checkpoints)
    tokens count against the same budget as GRPO's samples. Worker processes, one torch
    thread each. Held-out greedy accuracy on the seed's TEST problems (the same problems for
    both methods of a seed), plus the start's accuracy on them.
-3. Aggregate: per task and method the mean over seeds with a Student-t 95% CI
+3. Aggregate: per task and method the mean over seeds with a Student-t 95% CI (cut to [0, 1])
    (``runtime.stats.mean_ci``), the per-seed difference to GRPO, and the mean over tasks.
 
 Outputs under ``--out``: ``vlm.json`` (``tasks.<task>.<method>.{acc, ci95, seeds, ...}``,
@@ -32,6 +32,7 @@ from runtime.stats import mean_ci
 from training.lm_rl.bench_runs import (
     bench_command,
     budget_train_config,
+    clip_to_unit,
     finished,
     publish,
     run_jobs,
@@ -216,7 +217,7 @@ def aggregate(config: VLMBenchConfig, results: list[dict[str, Any]]) -> dict[str
             stats = mean_ci([r["test_acc"] for r in runs])
             deltas = mean_ci([r["test_acc"] - grpo[r["seed"]] for r in runs if r["seed"] in grpo] or [0.0])
             entry[method] = {
-                "acc": stats["mean"], "ci95": stats["ci95"], "seeds": stats["values"],
+                "acc": stats["mean"], "ci95": clip_to_unit(stats["ci95"]), "seeds": stats["values"],
                 "delta_vs_grpo": {"mean": deltas["mean"], "ci95": deltas["ci95"]},
                 "generated_tokens": sum(r["generated_tokens"] for r in runs) / len(runs),
                 "steps": sum(r["steps"] for r in runs) / len(runs),
@@ -230,7 +231,7 @@ def aggregate(config: VLMBenchConfig, results: list[dict[str, Any]]) -> dict[str
                   if r["task"] == task and r["method"] == "grpo" and r.get("start_test_acc") is not None]
         if starts:
             stats = mean_ci(starts)
-            entry["start"] = {"acc": stats["mean"], "ci95": stats["ci95"], "seeds": stats["values"]}
+            entry["start"] = {"acc": stats["mean"], "ci95": clip_to_unit(stats["ci95"]), "seeds": stats["values"]}
         tasks[task] = entry
     mean: dict[str, float] = {}
     mean_ci95: dict[str, list[float]] = {}
@@ -238,7 +239,7 @@ def aggregate(config: VLMBenchConfig, results: list[dict[str, Any]]) -> dict[str
         complete = [sum(v) / len(v) for v in by_seed.values() if len(v) == len(config.tasks)]
         if complete:
             stats = mean_ci(complete)
-            mean[method], mean_ci95[method] = stats["mean"], stats["ci95"]
+            mean[method], mean_ci95[method] = stats["mean"], clip_to_unit(stats["ci95"])
     return {"tasks": tasks, "mean": mean, "mean_ci95": mean_ci95}
 
 

@@ -64,6 +64,16 @@ MODES = ("pass_through", "helm")
 _STATUS_LEVEL = {"failed": DiagnosticStatus.WARN, "hold": DiagnosticStatus.ERROR}
 
 
+def _finish_goal(goal_handle, success: bool) -> None:
+    """End an ExecuteTask goal: succeeded, canceled when the client asked for it, else aborted."""
+    if success:
+        goal_handle.succeed()
+    elif goal_handle.is_cancel_requested:
+        goal_handle.canceled()
+    else:
+        goal_handle.abort()
+
+
 @dataclass(frozen=True)
 class HelmNodeConfig:
     """The `harness_config` file: `harness` (HarnessControllerConfig) and `planner`
@@ -300,12 +310,7 @@ class HarnessNode(Node):
         result.subgoal_steps = [r.steps for r in progress.records]
         result.subgoal_duration_s = [r.duration_s for r in progress.records]
         self._publish_status("succeeded" if progress.success else "failed", progress.reason)
-        if progress.success:
-            goal_handle.succeed()
-        elif goal_handle.is_cancel_requested:
-            goal_handle.canceled()
-        else:
-            goal_handle.abort()
+        _finish_goal(goal_handle, progress.success)
         return result
 
     def _run(self, goal_handle, progress: TaskProgress, seq: int) -> None:
@@ -383,12 +388,7 @@ class HarnessNode(Node):
         log = self.get_logger().info if outcome.success else self.get_logger().warning
         log(f"episode {state}: {outcome.reason} (chunks {outcome.chunks_executed}, rejections {outcome.rejections}, "
             f"resamples {outcome.resamples}, rollbacks {outcome.rollbacks}, replans {outcome.replans})")
-        if outcome.success:
-            goal_handle.succeed()
-        elif goal_handle.is_cancel_requested:
-            goal_handle.canceled()
-        else:
-            goal_handle.abort()
+        _finish_goal(goal_handle, outcome.success)
         return result
 
     def _fill_result(self, result: ExecuteTask.Result, outcome: HarnessResult) -> None:

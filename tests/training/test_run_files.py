@@ -11,6 +11,14 @@ import pytest
 from training.run_files import check_resumable, warmup_cosine
 
 
+def test_sft_schedule_is_the_shared_one() -> None:
+    from training.lm_rl.sft import sft_lr_lambda
+
+    factor = sft_lr_lambda(100)
+    assert [factor(s) for s in (0, 9, 100)] == [warmup_cosine(s, 100, 10, 0.1) for s in (0, 9, 100)]
+    assert factor(0) == pytest.approx(0.1) and factor(100) == pytest.approx(0.1)
+
+
 def test_warmup_cosine_schedule() -> None:
     # warm-up is capped at a tenth of the run: 10 steps here, not 50
     assert warmup_cosine(0, 100, 50, 0.1) == pytest.approx(0.1)

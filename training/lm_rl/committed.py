@@ -407,10 +407,10 @@ def committed_sft(
 
     from training.lm_rl.sft import (
         _train_pool,
-        _warmup_cosine,
         collate_right_padded,
         greedy_accuracy,
         save_atomically,
+        sft_lr_lambda,
     )
     from training.lm_rl.tasks import make_split
 
@@ -441,8 +441,7 @@ def committed_sft(
 
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup_steps = max(1, steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, steps, warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sft_lr_lambda(steps))
     model.train()
     losses: list[float] = []
     tokens_seen = 0

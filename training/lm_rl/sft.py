@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.lm_rl.tasks import Problem, get_task, make_split
+from training.run_files import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +177,10 @@ def save_atomically(
     return target
 
 
-def _warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
-    # Linear warmup (AdamW's early moments are noisy), then cosine decay to 10% of lr.
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+def sft_lr_lambda(steps: int) -> Callable[[int], float]:
+    """The LambdaLR factor of every SFT here: linear warm-up over a tenth of the steps (AdamW's
+    early moments are noisy), then cosine decay to 10% of the learning rate."""
+    return lambda step: warmup_cosine(step, steps, max(1, steps // 10), 0.1)
 
 
 def _train_pool(
@@ -238,10 +237,7 @@ def sft_warm_start(
     max_new_tokens = max_new_tokens or 2 * longest_completion
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup_steps = max(1, steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _warmup_cosine(step, steps, warmup_steps)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sft_lr_lambda(steps))
     model.train()
     losses: list[float] = []
     tokens_seen = 0

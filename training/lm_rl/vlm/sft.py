@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training.lm_rl.methods.difference_feedback import hinted_prompt
-from training.lm_rl.sft import IGNORE_INDEX, _train_pool, _warmup_cosine, collate_right_padded
+from training.lm_rl.sft import IGNORE_INDEX, _train_pool, collate_right_padded, sft_lr_lambda
 from training.lm_rl.tasks import Problem, get_task, make_split
 from training.lm_rl.vlm.sampling import VisionPrompts, vlm_greedy_accuracy
 from training.run_files import replace_dir, staging_path
@@ -86,8 +86,7 @@ def vlm_sft_warm_start(
     examples = [(problem, chooser.random() < hint_fraction) for problem in pool]
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sft_lr_lambda(steps))
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []

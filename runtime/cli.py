@@ -31,8 +31,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from runtime.dds import loopback_env
 
@@ -165,37 +167,6 @@ def cmd_bench_graph(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def _bench_lm_cerl(args: argparse.Namespace) -> int:
-    """`bench lm --suite cerl`: the CERL table (training.lm_rl.bench_cerl)."""
-    import json
-    import logging
-
-    from training.lm_rl.bench_cerl import CerlBenchConfig, run_cerl_bench
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    foreign = [flag for flag, value in (("--methods", args.methods), ("--token-budget", args.token_budget),
-                                        ("--throughput-repeats", args.throughput_repeats)) if value is not None]
-    if foreign:
-        return _fail_setup(f"{', '.join(foreign)} belong(s) to --suite methods, not --suite cerl")
-    options: dict[str, object] = {
-        "sft_steps": args.sft_steps, "eval_problems": args.eval_problems, "workers": args.workers,
-        "rl_steps": args.rl_steps, "lr": args.lr,
-    }
-    try:
-        if args.seeds:
-            options["seeds"] = tuple(int(s) for s in args.seeds.split(","))
-        if args.domains:
-            options["domains"] = _csv(args.domains)
-        if args.difficulty:
-            options["difficulty"] = _domain_levels(args.difficulty)
-        config = CerlBenchConfig(**{k: v for k, v in options.items() if v is not None})
-    except ValueError as exc:
-        return _fail_setup(str(exc))
-    summary = run_cerl_bench(config, args.out, results_dir=args.results)
-    print(json.dumps({d: {m: round(r["acc_erased"], 3) for m, r in e.items()} for d, e in summary["domains"].items()}))
-    return 0
-
-
 def _csv(text: str) -> tuple[str, ...]:
     """'a, b,,c' -> ("a", "b", "c"): a comma-separated option's non-empty entries."""
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -212,44 +183,42 @@ def _domain_levels(text: str) -> dict[str, int]:
     return levels
 
 
-def _bench_lm_vlm(args: argparse.Namespace) -> int:
-    """`bench lm --suite vlm`: GRPO vs Difference Feedback on the visual tasks (training.lm_rl.vlm.bench)."""
-    import json
-    import logging
-
-    from training.lm_rl.vlm.bench import VLMBenchConfig, run_vlm_bench
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    foreign = [flag for flag, value in (("--throughput-repeats", args.throughput_repeats), ("--domains", args.domains),
-                                        ("--rl-steps", args.rl_steps), ("--difficulty", args.difficulty))
-               if value is not None]
-    if args.no_smollm2:
-        foreign.append("--no-smollm2")
-    if foreign:
-        return _fail_setup(f"{', '.join(foreign)} do(es) not apply to --suite vlm")
-    options: dict[str, object] = {
-        "token_budget": args.token_budget, "sft_steps": args.sft_steps, "eval_problems": args.eval_problems,
-        "workers": args.workers, "lr": args.lr,
-    }
-    try:
-        if args.methods:
-            options["methods"] = _csv(args.methods)
-        if args.tasks:
-            options["tasks"] = _csv(args.tasks)
-        if args.seeds:
-            options["seeds"] = tuple(int(s) for s in args.seeds.split(","))
-        config = VLMBenchConfig(**{k: v for k, v in options.items() if v is not None})
-    except ValueError as exc:
-        return _fail_setup(str(exc))
-    summary = run_vlm_bench(config, args.out, results_dir=args.results)
-    print(json.dumps({"mean": summary["mean"], "tasks": {
-        task: {m: round(e["acc"], 3) for m, e in entry.items() if m in config.methods}
-        for task, entry in summary["tasks"].items()}}))
-    return 0
+# `bench lm` flags that only some suites take: flag -> (config field, parse of the flag's value).
+# --seeds, --sft-steps, --eval-problems, --workers and --lr go to every suite.
+_BENCH_LM_FLAGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "--methods": ("methods", _csv),
+    "--token-budget": ("token_budget", int),
+    "--throughput-repeats": ("throughput_repeats", int),
+    "--no-smollm2": ("smollm2", lambda given: not given),
+    "--tasks": ("tasks", _csv),
+    "--domains": ("domains", _csv),
+    "--rl-steps": ("rl_steps", int),
+    "--difficulty": ("difficulty", _domain_levels),
+}
+BENCH_LM_SUITE_FLAGS = {
+    "methods": ("--methods", "--token-budget", "--throughput-repeats", "--no-smollm2"),
+    "cerl": ("--domains", "--rl-steps", "--difficulty"),
+    "vlm": ("--methods", "--tasks", "--token-budget"),
+}
 
 
-# `bench lm --suite NAME` -> the command that runs that suite; "methods" is cmd_bench_lm itself.
-BENCH_LM_SUITES = {"cerl": _bench_lm_cerl, "vlm": _bench_lm_vlm}
+def _bench_lm_suite(suite: str) -> tuple[type, Callable[..., dict[str, Any]], Callable[[dict[str, Any]], Any]]:
+    """(config class, run function, what to print of its summary) of one `bench lm` suite."""
+    if suite == "cerl":
+        from training.lm_rl.bench_cerl import CerlBenchConfig, run_cerl_bench
+
+        return CerlBenchConfig, run_cerl_bench, lambda summary: {
+            domain: {method: round(row["acc_erased"], 3) for method, row in entry.items()}
+            for domain, entry in summary["domains"].items()}
+    if suite == "vlm":
+        from training.lm_rl.vlm.bench import VLMBenchConfig, run_vlm_bench
+
+        return VLMBenchConfig, run_vlm_bench, lambda summary: {"mean": summary["mean"], "tasks": {
+            task: {method: round(row["acc"], 3) for method, row in entry.items() if method != "start"}
+            for task, entry in summary["tasks"].items()}}
+    from training.lm_rl.bench import LMBenchConfig, run_lm_bench
+
+    return LMBenchConfig, run_lm_bench, lambda summary: {m: e["test_acc"] for m, e in summary["methods"].items()}
 
 
 def cmd_bench_lm(args: argparse.Namespace) -> int:
@@ -257,27 +226,26 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
     import logging
 
     suite = getattr(args, "suite", "methods")
-    if suite != "methods":
-        return BENCH_LM_SUITES[suite](args)
-    from training.lm_rl.bench import LMBenchConfig, run_lm_bench
-
+    given = {flag: value for flag in _BENCH_LM_FLAGS
+             if (value := getattr(args, flag[2:].replace("-", "_"))) not in (None, False)}
+    foreign = [flag for flag in given if flag not in BENCH_LM_SUITE_FLAGS[suite]]
+    if foreign:
+        return _fail_setup(f"{', '.join(foreign)} do(es) not apply to --suite {suite}")
+    config_class, run, printed = _bench_lm_suite(suite)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    options: dict[str, object] = {
-        "token_budget": args.token_budget, "sft_steps": args.sft_steps, "eval_problems": args.eval_problems,
-        "workers": args.workers, "throughput_repeats": args.throughput_repeats, "lr": args.lr,
-    }
-    if args.methods:
-        options["methods"] = tuple(m.strip() for m in args.methods.split(","))
+    options: dict[str, Any] = {"sft_steps": args.sft_steps, "eval_problems": args.eval_problems,
+                               "workers": args.workers, "lr": args.lr}
     try:
         if args.seeds:
-            options["seeds"] = tuple(int(s) for s in args.seeds.split(","))
-        if args.no_smollm2:
-            options["smollm2"] = False
-        config = LMBenchConfig(**{k: v for k, v in options.items() if v is not None})
+            options["seeds"] = tuple(int(seed) for seed in _csv(args.seeds))
+        for flag, value in given.items():
+            field, parse = _BENCH_LM_FLAGS[flag]
+            options[field] = parse(value)
+        config = config_class(**{k: v for k, v in options.items() if v is not None})
     except ValueError as exc:
         return _fail_setup(str(exc))
-    summary = run_lm_bench(config, args.out, results_dir=args.results)
-    print(json.dumps({m: e["test_acc"] for m, e in summary["methods"].items()}))
+    summary = run(config, args.out, results_dir=args.results)
+    print(json.dumps(printed(summary)))
     return 0
 
 
@@ -417,20 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
                 help="episodic-memory retrieval latency at 10^3..10^6 keyframes (args as python -m runtime.memory.bench)")
     bench_lm = bench_sub.add_parser(
         "lm", help="every LM RL method vs plain GRPO at matched sampled tokens (about an hour on 2 cores)",
-        description="Writes lm_rl.json, lm_rl.md and plots under --out; re-running with the same --out "
-                    "resumes. Unset options keep training.lm_rl.bench.LMBenchConfig's defaults.")
+        description="Writes the suite's results file, table and plots under --out (lm_rl.*, cerl.*, vlm.*); "
+                    "re-running with the same --out resumes. Unset options keep the suite's config defaults "
+                    "(LMBenchConfig, CerlBenchConfig, VLMBenchConfig in training.lm_rl).")
     bench_lm.add_argument("--out", required=True, help="output directory (e.g. benchmarks/results/lm_rl)")
-    bench_lm.add_argument("--results", help="also copy lm_rl.json, lm_rl.md and the plots here (e.g. benchmarks/results)")
-    bench_lm.add_argument("--methods", help="comma-separated methods (must include grpo)")
+    bench_lm.add_argument("--results", help="also copy the results file, table and plots here (e.g. benchmarks/results)")
+    bench_lm.add_argument("--methods", help="methods and vlm suites: comma-separated methods (must include grpo)")
     bench_lm.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
-    bench_lm.add_argument("--token-budget", type=int, help="sampled tokens per run")
+    bench_lm.add_argument("--token-budget", type=int, help="methods and vlm suites: sampled tokens per run")
     bench_lm.add_argument("--sft-steps", type=int, help="SFT warm-start steps of the shared start")
     bench_lm.add_argument("--eval-problems", type=int, help="held-out TEST problems per evaluation")
     bench_lm.add_argument("--workers", type=int, help="parallel runs (one torch thread each)")
     bench_lm.add_argument("--lr", type=float, help="learning rate of the RL runs (every method of the suite)")
-    bench_lm.add_argument("--throughput-repeats", type=int, help="timed steps per trainer in the TRL comparison")
-    bench_lm.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M runs")
-    bench_lm.add_argument("--suite", choices=("methods", *BENCH_LM_SUITES), default="methods",
+    bench_lm.add_argument("--throughput-repeats", type=int, help="methods suite: timed steps per trainer in the TRL comparison")
+    bench_lm.add_argument("--no-smollm2", action="store_true", help="methods suite: skip the SmolLM2-135M runs")
+    bench_lm.add_argument("--suite", choices=tuple(BENCH_LM_SUITE_FLAGS), default="methods",
                           help="methods: every method vs GRPO (lm_rl.json); cerl: the CERL erasure table "
                                "(cerl.json, docs/cerl.md); vlm: GRPO vs Difference Feedback on the visual "
                                "tasks (vlm.json, docs/difference_feedback.md)")

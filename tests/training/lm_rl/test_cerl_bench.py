@@ -65,6 +65,17 @@ def test_cli_suite_option_keeps_methods_as_default() -> None:
         parser.parse_args(["bench", "lm", "--suite", "nope", "--out", "x"])
 
 
+def test_cli_refuses_flags_of_other_suites(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.cli import main
+
+    for suite, flags in (("methods", ["--domains", "math"]), ("methods", ["--rl-steps", "3"]),
+                         ("cerl", ["--token-budget", "10"]), ("cerl", ["--methods", "grpo"]),
+                         ("vlm", ["--difficulty", "math=1"]), ("vlm", ["--no-smollm2"])):
+        assert main(["bench", "lm", "--suite", suite, "--out", str(tmp_path / "out"), *flags]) == 2
+        assert f"{flags[0]} do(es) not apply to --suite {suite}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_difficulty_per_domain() -> None:
     from runtime.cli import _domain_levels
 

@@ -226,8 +226,9 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
     import logging
 
     suite = getattr(args, "suite", "methods")
+    # `is not`: --rl-steps 0 is given (and refused by the config), unlike an unset flag.
     given = {flag: value for flag in _BENCH_LM_FLAGS
-             if (value := getattr(args, flag[2:].replace("-", "_"))) not in (None, False)}
+             if (value := getattr(args, flag[2:].replace("-", "_"))) is not None and value is not False}
     foreign = [flag for flag in given if flag not in BENCH_LM_SUITE_FLAGS[suite]]
     if foreign:
         return _fail_setup(f"{', '.join(foreign)} do(es) not apply to --suite {suite}")

@@ -73,6 +73,9 @@ def test_cli_refuses_flags_of_other_suites(tmp_path, capsys: pytest.CaptureFixtu
                          ("vlm", ["--difficulty", "math=1"]), ("vlm", ["--no-smollm2"])):
         assert main(["bench", "lm", "--suite", suite, "--out", str(tmp_path / "out"), *flags]) == 2
         assert f"{flags[0]} do(es) not apply to --suite {suite}" in capsys.readouterr().err
+    # A zero is a given value, refused by the suite's config (not dropped as if unset).
+    assert main(["bench", "lm", "--suite", "cerl", "--out", str(tmp_path / "out"), "--rl-steps", "0"]) == 2
+    assert "rl_steps must be a positive int" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

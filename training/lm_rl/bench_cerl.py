@@ -24,8 +24,8 @@ Outputs under ``--out``: ``cerl.json`` ({"domains": {domain: {method: {...}}}, "
 and method).
 
 The defaults are the README's table: about an hour on two CPU cores with two workers
-(docs/cerl.md has the measured times). Most of it is the four 2,000-step starts;
-with 500 SFT steps the logic and science_qa starts sat at the floor (math does at 2,000 too).
+(docs/cerl.md has the measured times), most of it the four 2,000-step starts. With 500 SFT
+steps the logic and science_qa starts sat at the floor; math stays there even at 2,000.
 """
 from __future__ import annotations
 

@@ -17,10 +17,11 @@ carries ``request`` (its sequence number), ``episode``, ``seed``, ``rollbacks`` 
 as soon as its inputs are at least as new as ``stamp``, with ``header.frame_id`` naming the
 request ("request N"); a request number it has seen again (the harness re-sends while it
 waits) gets that same answer again, so a lost answer is not fatal. Chunks come from
-`policies.proposer.PolicyProposer`: attempt 0 is the policy's own chunk, attempt k > 0 a resampled one. A new ``episode``
-resets the proposer (seeded with ``seed``); a new ``rollbacks`` count resets the policy's
-history (the world went back in time, though ROS time did not). Without ``attempt`` the
-node streams as described above (the `pass_through` harness).
+`policies.proposer.PolicyProposer`: attempt 0 is the policy's own chunk, attempt k > 0 a
+resampled one. A new ``episode`` resets the proposer (seeded with ``seed``); a new
+``rollbacks`` count resets the policy's history (the world went back in time, though ROS
+time did not). Without ``attempt`` the node streams as described above (the `pass_through`
+harness).
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class PolicyNode(LifecycleNode):
         self._helm_episode: int | None = None
         self._helm_rollbacks = 0
         self._last_request: tuple[int, int] | None = None  # (episode, request) of the last harness request taken
-        self._last_answer: JointTrajectory | None = None  # its answer, sent again when the request is
+        self._last_answer: JointTrajectory | None = None  # its answer, sent again for a repeated request
         self.answered_requests = 0
         self._q: np.ndarray | None = None
         self._world: tuple | None = None
